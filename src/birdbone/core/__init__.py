@@ -1,0 +1,1 @@
+"""Library code: plain torch/transformers, no Kedro, no MLflow."""

@@ -1,0 +1,70 @@
+"""Pictures of reports (matplotlib, no display needed). Each function returns a Figure."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+_LAYER = re.compile(r"\.(\d+)\.(.+)$")
+
+
+def baseline_figure(report: dict[str, Any]) -> Figure:
+    """Three panels: explained variance of the top-k ranks per layer and matrix kind, the
+    mean explained-variance curve per matrix kind, and a table of the headline numbers."""
+    spectra = report["spectra"]
+    by_kind: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for name, spec in spectra.items():
+        match = _LAYER.search(name)
+        if match:
+            by_kind[match.group(2)][int(match.group(1))] = spec
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    ax = axes[0]
+    for kind, layers in sorted(by_kind.items()):
+        idx = sorted(layers)
+        ax.plot(idx, [layers[i]["explained"][-1] for i in idx], marker=".", label=kind)
+    k = len(next(iter(spectra.values()))["explained"])
+    ax.set(
+        xlabel="decoder block", ylabel=f"energy in top {k} singular values", title="Spectral concentration per layer"
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    for kind, layers in sorted(by_kind.items()):
+        curves = [spec["explained"] for spec in layers.values()]
+        mean = [sum(c[r] for c in curves) / len(curves) for r in range(min(map(len, curves)))]
+        ax.plot(range(1, len(mean) + 1), mean, label=kind)
+    ax.set(xlabel="rank", ylabel="explained variance (mean over blocks)", title="Explained-variance curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.axis("off")
+    rows = [[key, value] for key, value in headline(report).items()]
+    table = ax.table(cellText=rows, colLabels=["baseline", "value"], loc="center", cellLoc="left")
+    table.scale(1, 1.4)
+    ax.set_title(report.get("model_name", "model"))
+    fig.tight_layout()
+    return fig
+
+
+def headline(report: dict[str, Any]) -> dict[str, str]:
+    """The numbers a person looks for first, formatted."""
+    q, s, sp = report["quality"], report["size"], report["speed"]
+    rows = {
+        "perplexity (validation)": f"{q['validation']['ppl']:.3f}",
+        "perplexity (test)": f"{q['test']['ppl']:.3f}",
+        "parameters": f"{s['params']:,}",
+        "weights on disk": f"{s['bytes'] / 2**20:,.1f} MiB" if s["bytes"] else "n/a",
+        "decode": f"{sp['decode_tokens_per_s']:.1f} tok/s ({sp['device']}, {sp['threads']} threads)",
+        "prefill": f"{sp['prefill_tokens_per_s']:.0f} tok/s",
+    }
+    for name, task in report["tasks"].items():
+        score = task.get("accuracy", task.get("exact_match"))
+        rows[f"task {name}"] = f"{score:.3f} (n={task['n']})"
+    return rows

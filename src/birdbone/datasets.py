@@ -1,0 +1,132 @@
+"""Kedro datasets for bird-bone's artifacts. Every save is atomic (temp name, then rename),
+and models never pass through Kedro's memory dataset (which would deep-copy them).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from kedro.io import AbstractDataset, DatasetError
+from safetensors.torch import load_file, save_file
+
+from birdbone.core import modeling
+from birdbone.core.io import atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+
+SIDECAR = "birdbone.json"
+
+
+class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
+    """A model directory (safetensors + tokenizer + ``birdbone.json`` sidecar), written whole.
+
+    The sidecar records how the model was made (``origin``) and the SHA-256 of each weight
+    file, so a later stage can tell exactly which parent it came from.
+    """
+
+    def __init__(self, path: str, dtype: str = "float32", metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self._dtype = modeling.DTYPES[dtype]
+        self.metadata = metadata
+
+    def load(self) -> modeling.ModelBundle:
+        if not (self._path / SIDECAR).is_file():
+            raise DatasetError(
+                f"{self._path} is not a finished bird-bone model (no {SIDECAR}); run the stage that writes it."
+            )
+        bundle = modeling.load_model_dir(self._path, self._dtype)
+        bundle.origin = json.loads((self._path / SIDECAR).read_text())["origin"]
+        return bundle
+
+    def save(self, data: modeling.ModelBundle) -> None:
+        with atomic_dir(self._path) as tmp:
+            modeling.save_model(data, tmp)
+            hashes = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
+            write_json_atomic(tmp / SIDECAR, {"origin": data.origin, "sha256": hashes})
+        data.path = self._path
+
+    def _exists(self) -> bool:
+        return (self._path / SIDECAR).is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+class TensorsDataset(AbstractDataset[dict[str, torch.Tensor], dict[str, torch.Tensor]]):
+    """A dict of tensors as one safetensors file."""
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> dict[str, torch.Tensor]:
+        return load_file(self._path)
+
+    def save(self, data: dict[str, torch.Tensor]) -> None:
+        with atomic_path(self._path) as tmp:
+            save_file({k: v.contiguous() for k, v in data.items()}, tmp)
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+class JSONDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
+    """A JSON report. With ``merge: true`` a save updates the top-level keys of the file
+    already there (so each pipeline adds its section to ``summary.json``), unless the file
+    belongs to another recipe (``recipe_hash`` differs), which starts it afresh."""
+
+    def __init__(self, path: str, merge: bool = False, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self._merge = merge
+        self.metadata = metadata
+
+    def load(self) -> dict[str, Any]:
+        return json.loads(self._path.read_text())
+
+    def save(self, data: dict[str, Any]) -> None:
+        out = dict(data)
+        if self._merge and self._path.is_file():
+            try:
+                old = json.loads(self._path.read_text())
+            except json.JSONDecodeError:
+                old = {}
+            if old.get("recipe_hash") == data.get("recipe_hash"):
+                out = {**old, **data}
+        write_json_atomic(self._path, out)
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "merge": self._merge}
+
+
+class FigureDataset(AbstractDataset[Any, bytes]):
+    """A matplotlib figure saved as PNG (written atomically, then closed)."""
+
+    def __init__(self, path: str, dpi: int = 110, metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self._dpi = dpi
+        self.metadata = metadata
+
+    def load(self) -> bytes:
+        return self._path.read_bytes()
+
+    def save(self, data: Any) -> None:
+        import matplotlib.pyplot as plt
+
+        buffer = io.BytesIO()
+        data.savefig(buffer, format="png", dpi=self._dpi, bbox_inches="tight")
+        plt.close(data)
+        write_bytes_atomic(self._path, buffer.getvalue())
+
+    def _exists(self) -> bool:
+        return self._path.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}

@@ -1,0 +1,27 @@
+"""The errors bird-bone raises for bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class BirdboneError(Exception):
+    """Base class: a problem with what the user gave bird-bone, not a bug in it."""
+
+
+class ConfigError(BirdboneError, ValueError):
+    """The recipe (conf/<env>/parameters_*.yml, or --params) is invalid."""
+
+
+class ModelSourceError(BirdboneError):
+    """The model could not be found or read."""
+
+
+class UnsupportedArchitectureError(BirdboneError):
+    """The model's architecture is not one bird-bone knows how to walk."""
+
+
+class TextSourceError(BirdboneError):
+    """The text (calibration / healing / evaluation corpus) is missing, empty or too short."""
+
+
+class TaskFileError(BirdboneError):
+    """A task file (multiple-choice or canary jsonl) is malformed."""

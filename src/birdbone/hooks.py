@@ -1,0 +1,159 @@
+"""Project hooks: the recipe is validated before anything runs, and MLflow tracks each run.
+
+Tracking lives here and only here: nodes return metrics (outputs named ``*_metrics``),
+this hook logs them. A tracking failure is reported once and never stops the compression.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+from birdbone.config import Recipe, TrackingConfig, validate_recipe
+from birdbone.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+REPORTS = "data/08_reporting"
+
+
+def _conf_dirs(context: Any) -> list[Path]:
+    loader = context.config_loader
+    root = Path(loader.conf_source)
+    envs = [loader.base_env, context.env or loader.default_run_env]
+    return [root / env for env in envs if env and (root / env).is_dir()]
+
+
+class RecipeHook:
+    """Validates the whole recipe as soon as the context exists, before any node runs."""
+
+    recipe: Recipe | None = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        root = Path(context.project_path).resolve()
+        if Path.cwd().resolve() != root:
+            raise ConfigError(
+                f"bird-bone runs from the project root ({root}), but the working directory is {Path.cwd()}: "
+                "the recipe's relative paths (data sources, task files) are read from the project root. "
+                f"Fix: cd {root} first."
+            )
+        overrides = getattr(context, "_runtime_params", None) or {}
+        self.recipe = validate_recipe(context.params, root, _conf_dirs(context), overrides)
+        log.info("recipe valid (hash %s)", self.recipe.hash()[:12])
+
+
+def flatten(prefix: str, value: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Nested dicts/lists -> ``{"a.b.0": leaf}``."""
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, item in enumerate(value):
+            flatten(f"{prefix}.{i}", item, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+class TrackingHook:
+    """One MLflow run per ``kedro run``: the validated recipe as params, node metrics,
+    the reports as artifacts, and the status FAILED when the pipeline fails."""
+
+    def __init__(self, recipe_hook: RecipeHook) -> None:
+        self._recipe_hook = recipe_hook
+        self._mlflow: Any = None
+        self._root = Path.cwd()
+        self._config = TrackingConfig()
+        self._env = ""
+        self._broken = False
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._root = Path(context.project_path)
+        self._env = context.env or context.config_loader.default_run_env
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._mlflow is None or self._broken:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # tracking must never stop the compression
+            self._broken = True
+            log.error(
+                "MLflow tracking failed while trying to %s (%s: %s); the run goes on untracked.",
+                what,
+                type(exc).__name__,
+                exc,
+            )
+            return None
+
+    def tracking_uri(self) -> str:
+        """The store URI with a relative sqlite/file path made absolute under the project."""
+        uri = self._config.uri
+        for scheme in ("sqlite:///", "file:"):
+            if uri.startswith(scheme):
+                path = Path(uri[len(scheme) :])
+                if not path.is_absolute():
+                    return scheme + str(self._root / path)
+        return uri if "://" in uri else str(self._root / uri)
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        recipe = self._recipe_hook.recipe
+        if recipe is None or not recipe.tracking.enabled:
+            return
+        self._config = recipe.tracking
+        try:
+            import mlflow
+        except ImportError:  # pragma: no cover - mlflow is a dependency
+            log.error("MLflow is not installed; tracking is off.")
+            return
+        self._mlflow = mlflow
+        self._broken = False
+        self._call("set the tracking store", mlflow.set_tracking_uri, self.tracking_uri())
+        self._call("set the experiment", mlflow.set_experiment, self._config.experiment)
+        name = run_params.get("pipeline_name") or "__default__"
+        self._call("start a run", mlflow.start_run, run_name=f"{name} ({self._env})")
+        params = {k: str(v)[:6000] for k, v in flatten("", recipe.model_dump(mode="json")).items()}
+        self._call("log the recipe", mlflow.log_params, params)
+        tags = {"birdbone.pipeline": name, "birdbone.env": self._env, "birdbone.recipe_hash": recipe.hash()}
+        self._call("tag the run", mlflow.set_tags, tags)
+
+    @hook_impl
+    def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
+        for name, value in outputs.items():
+            if name.endswith("_metrics") and isinstance(value, dict):
+                numbers = {
+                    k: float(v)
+                    for k, v in flatten("", value).items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+                self._call(f"log {name}", self._mlflow.log_metrics if self._mlflow else None, numbers)
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        reports = self._root / REPORTS
+        if self._mlflow is not None and reports.is_dir():
+            for path in sorted(reports.glob("*")):
+                if path.is_file() and path.suffix in {".json", ".png"}:
+                    self._call(f"store {path.name}", self._mlflow.log_artifact, str(path))
+        self._end("FINISHED")
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if self._mlflow is not None:
+            self._call(
+                "record the error", self._mlflow.set_tag, "birdbone.error", f"{type(error).__name__}: {error}"[:5000]
+            )
+        self._end("FAILED")
+
+    def _end(self, status: str) -> None:
+        if self._mlflow is not None:
+            self._broken = False  # always try to close the run
+            self._call(f"end the run as {status}", self._mlflow.end_run, status=status)
+        self._mlflow = None

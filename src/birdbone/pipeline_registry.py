@@ -1,0 +1,12 @@
+"""Project pipelines."""
+
+from kedro.pipeline import Pipeline
+
+from birdbone.pipelines import baseline
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    """``kedro run`` runs ``__default__``; ``kedro run --pipeline NAME`` one stage."""
+    pipelines = {"baseline": baseline.create_pipeline()}
+    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    return pipelines

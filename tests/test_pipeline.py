@@ -1,0 +1,96 @@
+"""The whole baseline pipeline on the tiny test model, in a throwaway copy of the project."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+
+from birdbone.errors import ConfigError, TaskFileError
+
+
+def run(project: Path, **extra_params):
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="test", runtime_params=extra_params or None) as session:
+        session.run()
+
+
+def mlflow_runs(project: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["birdbone"])
+
+
+def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
+    run(project)
+    summary = json.loads((project / "data/08_reporting/summary.json").read_text())
+    assert set(summary) >= {"model", "recipe_hash", "baseline"}
+    base = summary["baseline"]
+    assert set(base) >= {"ppl_val", "ppl_test", "params", "bytes", "tokens_per_s"}
+    assert 100 < base["ppl_val"] < 2000  # random 512-token model: about the vocabulary size
+    assert base["params"] > 100_000 and base["bytes"] > 4 * base["params"] * 0.9
+    assert base["tasks"]["general_mc"]["n"] == 32
+    assert (project / "data/08_reporting/baseline.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((project / "data/08_reporting/baseline.json").read_text())
+    assert len(report["spectra"]) == 2 * 7 + 1
+    sidecar = json.loads((project / "models/baseline/birdbone.json").read_text())
+    assert sidecar["origin"]["source"]["kind"] == "tiny" and "model.safetensors" in sidecar["sha256"]
+    runs = mlflow_runs(project)
+    assert list(runs["status"]) == ["FINISHED"]
+    assert runs["metrics.baseline.ppl_val"][0] == pytest.approx(base["ppl_val"])
+    assert runs["params.data.block_size"][0] == "64"
+    assert not list(project.rglob(".tmp-*"))
+
+
+def test_same_recipe_same_numbers(project):
+    run(project)
+    first = json.loads((project / "data/08_reporting/summary.json").read_text())
+    run(project)
+    second = json.loads((project / "data/08_reporting/summary.json").read_text())
+    assert first["recipe_hash"] == second["recipe_hash"]
+    assert first["baseline"]["ppl_test"] == second["baseline"]["ppl_test"]
+    assert first["baseline"]["tasks"] == second["baseline"]["tasks"]
+
+
+def test_failed_pipeline_marks_the_mlflow_run_failed(project):
+    bad = project / "data/01_raw/tasks/canaries.jsonl"
+    bad.write_text('{"prompt": "no expected key"}\n')
+    with pytest.raises(TaskFileError):
+        run(project)
+    runs = mlflow_runs(project)
+    assert list(runs["status"]) == ["FAILED"]
+    assert "TaskFileError" in runs["tags.birdbone.error"][0]
+
+
+def test_bad_config_fails_before_any_model_is_loaded(project):
+    with pytest.raises(ConfigError, match="data.block_size"):
+        run(project, data={"block_size": 3})
+    assert not (project / "models/baseline").exists()
+
+
+def test_running_from_elsewhere_is_refused(project, monkeypatch, tmp_path_factory):
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    with pytest.raises(ConfigError, match="runs from the project root"):
+        run(project)
+
+
+def test_cli_reports_bad_config_with_the_fix(project):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    kedro = Path(sys.executable).parent / "kedro"
+    out = subprocess.run(
+        [str(kedro), "run", "--env", "test", "--params", "data.splits.test=0"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "data.splits.test = 0" in text and "greater than 0" in text
+    assert "telemetry" not in text.lower()
