@@ -43,24 +43,18 @@ def _resolve(path: Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() or root is None else Path(root) / path
 
 
-def _existing_file(path: Path, info: ValidationInfo) -> Path:
+def _must_exist(path: Path, info: ValidationInfo, directory: bool) -> Path:
     full = _resolve(path, info)
-    if not full.is_file():
-        where = "is a directory, not a file" if full.is_dir() else "does not exist"
-        raise ValueError(f"file '{path}' {where} (looked at {full}); fix the path")
+    what = "directory" if directory else "file"
+    if not (full.is_dir() if directory else full.is_file()):
+        wrong = full.is_file() if directory else full.is_dir()
+        where = f"is a {'file' if directory else 'directory'}, not a {what}" if wrong else "does not exist"
+        raise ValueError(f"{what} '{path}' {where} (looked at {full}); fix the path")
     return path
 
 
-def _existing_dir(path: Path, info: ValidationInfo) -> Path:
-    full = _resolve(path, info)
-    if not full.is_dir():
-        where = "is a file, not a directory" if full.is_file() else "does not exist"
-        raise ValueError(f"directory '{path}' {where} (looked at {full}); fix the path")
-    return path
-
-
-ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
-ExistingDir = Annotated[Path, AfterValidator(_existing_dir)]
+ExistingFile = Annotated[Path, AfterValidator(lambda path, info: _must_exist(path, info, directory=False))]
+ExistingDir = Annotated[Path, AfterValidator(lambda path, info: _must_exist(path, info, directory=True))]
 
 
 # --------------------------------------------------------------------------- run
@@ -107,7 +101,7 @@ class GGUFModel(Stage):
     @field_validator("path")
     @classmethod
     def _gguf(cls, path: Path, info: ValidationInfo) -> Path:
-        _existing_file(path, info)
+        _must_exist(path, info, directory=False)
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"'{path}' does not end in .gguf; for a model directory use kind: hf_dir")
         return path
@@ -289,6 +283,101 @@ class BaselineConfig(Stage):
     tasks: list[TaskFile] = []
     speed: SpeedConfig = SpeedConfig()
     spectra: SpectraConfig = SpectraConfig()
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+class UnstructuredPattern(Stage):
+    """Remove a share of the weights anywhere (``sparsity`` in [0, 1))."""
+
+    kind: Literal["unstructured"]
+    sparsity: Annotated[float, Field(ge=0, lt=1)]
+
+
+class NMPattern(Stage):
+    """Keep ``n`` of every ``m`` consecutive input weights of a row (2:4, 4:8, ...)."""
+
+    kind: Literal["nm"]
+    n: PositiveInt
+    m: Annotated[int, Field(ge=2, le=64)]
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> NMPattern:
+        if self.n >= self.m:
+            raise ValueError(f"N:M needs N < M, got {self.n}:{self.m}; e.g. n: 2, m: 4")
+        return self
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+
+SparsityPattern = Annotated[UnstructuredPattern | NMPattern, Field(discriminator="kind")]
+
+
+class MLPChannelsPattern(Stage):
+    """Remove ``ratio`` of each MLP's intermediate channels (rows of gate/up, columns of
+    down); kept widths are rounded to ``multiple`` (32 fits llama.cpp's Q4_0/Q8_0)."""
+
+    kind: Literal["mlp_channels"]
+    ratio: Annotated[float, Field(gt=0, lt=1)]
+    multiple: Annotated[int, Field(ge=1, le=1024)] = 32
+
+
+class HeadsPattern(Stage):
+    """Remove ``ratio`` of the attention heads: whole KV groups (``kv_groups``) or the
+    same number of query heads from every group (``query``)."""
+
+    kind: Literal["heads"]
+    ratio: Annotated[float, Field(gt=0, lt=1)]
+    mode: Literal["query", "kv_groups"] = "query"
+
+
+class BlocksPattern(Stage):
+    """Remove the ``count`` decoder blocks of least influence (1 - cos(in, out))."""
+
+    kind: Literal["blocks"]
+    count: PositiveInt
+
+
+StructuredPattern = Annotated[MLPChannelsPattern | HeadsPattern | BlocksPattern, Field(discriminator="kind")]
+
+
+class SparseGPTOptions(Stage):
+    """SparseGPT's column block width and Hessian damping (share of mean diagonal)."""
+
+    block_size: Annotated[int, Field(ge=1, le=4096)] = 128
+    damp: Annotated[float, Field(gt=0, le=1)] = 0.01
+
+
+class PruneConfig(Stage):
+    """One pruning pass: criterion x pattern, calibrated on the calibration split.
+
+    Example::
+
+        prune:
+          method: wanda            # magnitude | wanda | sparsegpt
+          pattern: {kind: unstructured, sparsity: 0.5}    # or {kind: nm, n: 2, m: 4}
+          batch_size: 4
+          compute_dtype: float32   # bfloat16: faster calibration passes on CPUs with AVX512-BF16
+          sparsegpt: {block_size: 128, damp: 0.01}
+    """
+
+    method: str
+    pattern: SparsityPattern
+    batch_size: PositiveInt = 4
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    sparsegpt: SparseGPTOptions = SparseGPTOptions()
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str) -> str:
+        from birdbone.core.prune import PRUNERS
+
+        if method not in PRUNERS:
+            raise ValueError(f"unknown pruning method '{method}'; known: {', '.join(sorted(PRUNERS))}")
+        return method
 
 
 # --------------------------------------------------------------------------- tracking

@@ -25,3 +25,7 @@ class TextSourceError(BirdboneError):
 
 class TaskFileError(BirdboneError):
     """A task file (multiple-choice or canary jsonl) is malformed."""
+
+
+class PruneError(BirdboneError):
+    """A pruning request that cannot be met (bad pattern for a layer, target not reached)."""

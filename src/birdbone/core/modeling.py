@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from birdbone.core import structure
 from birdbone.errors import ModelSourceError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
@@ -235,10 +236,37 @@ def load_model_dir(path: str | os.PathLike[str], dtype: torch.dtype = torch.floa
 
     path = Path(path)
     _check_hf_dir(path)
-    adapter = adapter_for(AutoConfig.from_pretrained(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    config = AutoConfig.from_pretrained(path)
+    adapter = adapter_for(config)
+    if getattr(config, structure.LAYER_SHAPES, None):
+        model = _load_uneven(path, config, adapter, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return ModelBundle(model.eval(), tokenizer, adapter, path=path)
+
+
+def _load_uneven(path: Path, config: Any, adapter: ArchitectureAdapter, dtype: torch.dtype) -> nn.Module:
+    """A model whose blocks have different sizes (``birdbone_layers``): built at the
+    config's sizes, each block resized, then the weights loaded strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    structure.apply_layer_shapes_(model, adapter)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelSourceError(
+            f"{path}: weights do not match the recorded layer sizes "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
+    return model.to(dtype).eval()
 
 
 def _hf_dir_tokenizer(source: Any) -> Any:

@@ -1,0 +1,293 @@
+"""Pruning quality on the default model: validation perplexity and wall time for each
+criterion x pattern, against the dense model in the same run.
+
+    .venv/bin/python bench/prune_quality.py                      # the reported run
+    .venv/bin/python bench/prune_quality.py --validation 8 --calibration 16   # quick look
+
+Prints a table, writes JSON (bench/results/prune_quality.json) and a PNG beside it, and
+checks the issue's targets: SparseGPT <= Wanda <= magnitude in perplexity at 50 % and at
+2:4; Wanda 50 % within +110 % of dense; Wanda (64 x 512 calibration tokens) under 60 s;
+SparseGPT under 5 minutes; the same run twice gives the same masks bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from birdbone.config import (
+    DataConfig,
+    DefaultModel,
+    HeadsPattern,
+    MLPChannelsPattern,
+    NMPattern,
+    SparseGPTOptions,
+    SpeedConfig,
+    UnstructuredPattern,
+)
+from birdbone.core import data, evaluate, modeling, speed
+from birdbone.core.io import write_bytes_atomic, write_json_atomic
+from birdbone.core.prune import prune_
+from birdbone.core.prune.structured import prune_structure_
+
+log = logging.getLogger("bench.prune_quality")
+
+PATTERNS = {
+    "unstructured": UnstructuredPattern(kind="unstructured", sparsity=0.5),
+    "2:4": NMPattern(kind="nm", n=2, m=4),
+}
+METHODS = ["magnitude", "wanda", "sparsegpt"]
+# Structured: 25 % of MLP channels (1536 -> 1152, a multiple of 32), and 25 % of heads, which
+# on SmolLM2 (9 query heads in 3 KV groups) rounds to one query head per group (3 of 9).
+STRUCTURED = {
+    "mlp_channels": MLPChannelsPattern(kind="mlp_channels", ratio=0.25, multiple=32),
+    "heads": HeadsPattern(kind="heads", ratio=0.25, mode="query"),
+}
+SPEED = SpeedConfig(prompt_tokens=32, decode_tokens=32, prefill_tokens=512, repeats=3, warmup=1)
+
+
+def machine() -> str:
+    cpu = "unknown cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calibration", type=int, default=64, help="calibration blocks of 512 tokens")
+    parser.add_argument("--validation", type=int, default=32, help="validation blocks of 512 tokens")
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/prune_quality.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    compute = getattr(torch, args.compute_dtype)
+
+    config = DataConfig.model_validate(
+        {
+            "sources": [{"kind": "pydoc_topics"}],
+            "block_size": 512,
+            "splits": {"test": 32, "validation": args.validation, "calibration": args.calibration, "healing": "rest"},
+        }
+    )
+    bundle = modeling.load_model(DefaultModel(kind="default"))
+    blocks, _ = data.build_blocks(config, bundle.tokenizer)
+    dense_state = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    validation = blocks["validation"]
+
+    def ppl() -> float:
+        return evaluate.perplexity(bundle.model, validation, 4, desc="validation perplexity")["ppl"]
+
+    def timing() -> dict:
+        measured = speed.measure_speed(bundle.model, blocks["test"].reshape(-1), SPEED, torch.device("cpu"))
+        return {
+            "params": evaluate.parameter_count(bundle.model),
+            "decode_tokens_per_s": measured["decode_tokens_per_s"],
+            "prefill_tokens_per_s": measured["prefill_tokens_per_s"],
+        }
+
+    rows = [{"method": "dense", "pattern": "none", "sparsity": 0.0, "ppl": ppl(), "seconds": 0.0, **timing()}]
+    log.info("dense: ppl %.3f", rows[0]["ppl"])
+    masks_of = {}
+    for pattern_name, pattern in PATTERNS.items():
+        for method in METHODS:
+            bundle.model.load_state_dict(dense_state)
+            start = time.perf_counter()
+            masks, report = prune_(
+                bundle,
+                method,
+                pattern,
+                blocks["calibration"],
+                args.batch_size,
+                options=SparseGPTOptions(),
+                compute_dtype=compute,
+            )
+            seconds = time.perf_counter() - start
+            masks_of[(method, pattern_name)] = masks
+            row = {
+                "method": method,
+                "pattern": pattern_name,
+                "sparsity": report["sparsity"],
+                "ppl": ppl(),
+                "seconds": seconds,
+                "compute_dtype": args.compute_dtype,
+            }
+            rows.append(row)
+            log.info(
+                "%s %s: sparsity %.4f, ppl %.3f, %.1f s", method, pattern_name, row["sparsity"], row["ppl"], seconds
+            )
+
+    # Structured: the tensors shrink, so each run starts from a fresh copy of the dense model.
+    for pattern_name, pattern in STRUCTURED.items():
+        for method in ("magnitude", "wanda"):
+            bundle.model.load_state_dict(dense_state)
+            dense_model = bundle.model
+            bundle.model = copy.deepcopy(dense_model)
+            report = prune_structure_(
+                bundle, pattern, blocks["calibration"], args.batch_size, compute_dtype=compute, criterion=method
+            )
+            row = {
+                "method": method,
+                "pattern": pattern_name,
+                "sparsity": report["sparsity"],
+                "ppl": ppl(),
+                "seconds": report["seconds"],
+                "compute_dtype": args.compute_dtype,
+                **timing(),
+            }
+            rows.append(row)
+            log.info(
+                "%s %s: %.4f of block weights removed, ppl %.3f, %.1f s, prefill %.0f tok/s",
+                method,
+                pattern_name,
+                row["sparsity"],
+                row["ppl"],
+                row["seconds"],
+                row["prefill_tokens_per_s"],
+            )
+            bundle.model = dense_model
+
+    # Same inputs, same masks: Wanda at 50 % once more, compared bit for bit.
+    bundle.model.load_state_dict(dense_state)
+    again, _ = prune_(
+        bundle, "wanda", PATTERNS["unstructured"], blocks["calibration"], args.batch_size, compute_dtype=compute
+    )
+    repeatable = again.equals(masks_of[("wanda", "unstructured")])
+
+    # Wanda in float32 too, for the timing target and to show what bfloat16 changes.
+    bundle.model.load_state_dict(dense_state)
+    start = time.perf_counter()
+    _, report = prune_(bundle, "wanda", PATTERNS["unstructured"], blocks["calibration"], args.batch_size)
+    fp32 = {
+        "method": "wanda",
+        "pattern": "unstructured",
+        "sparsity": report["sparsity"],
+        "ppl": ppl(),
+        "seconds": time.perf_counter() - start,
+        "compute_dtype": "float32",
+    }
+    rows.append(fp32)
+
+    by = {(r["method"], r["pattern"], r.get("compute_dtype")): r for r in rows}
+    dense = rows[0]["ppl"]
+    targets = []
+    for pattern_name in PATTERNS:
+        m, w, s = (by[(k, pattern_name, args.compute_dtype)]["ppl"] for k in METHODS)
+        targets.append(
+            {
+                "target": f"sparsegpt <= wanda <= magnitude at {pattern_name}",
+                "value": f"{s:.3f} / {w:.3f} / {m:.3f}",
+                "met": s <= w <= m,
+            }
+        )
+    wanda = by[("wanda", "unstructured", args.compute_dtype)]
+    targets += [
+        {
+            "target": "wanda 50% within +110% of dense",
+            "value": f"{100 * (wanda['ppl'] / dense - 1):+.1f}%",
+            "met": wanda["ppl"] <= 2.1 * dense,
+        },
+        {
+            "target": f"wanda under 60 s ({args.compute_dtype})",
+            "value": f"{wanda['seconds']:.1f} s",
+            "met": wanda["seconds"] < 60,
+        },
+        {"target": "wanda under 60 s (float32)", "value": f"{fp32['seconds']:.1f} s", "met": fp32["seconds"] < 60},
+        {
+            "target": "sparsegpt under 300 s",
+            "value": f"{max(by[('sparsegpt', p, args.compute_dtype)]['seconds'] for p in PATTERNS):.1f} s",
+            "met": all(by[("sparsegpt", p, args.compute_dtype)]["seconds"] < 300 for p in PATTERNS),
+        },
+        {"target": "same run, same masks (bit for bit)", "value": str(repeatable), "met": repeatable},
+    ]
+
+    for pattern_name in STRUCTURED:
+        cut = by[("wanda", pattern_name, args.compute_dtype)]
+        ratio = cut["prefill_tokens_per_s"] / rows[0]["prefill_tokens_per_s"]
+        targets.append(
+            {
+                "target": f"{pattern_name} (wanda) prefill faster than dense, torch",
+                "value": f"{ratio:.2f}x",
+                "met": ratio > 1,
+            }
+        )
+
+    print(
+        f"\n{'method':<10} {'pattern':<13} {'dtype':<9} {'sparsity':>8} {'ppl':>9} {'x dense':>8} {'seconds':>8} "
+        f"{'prefill/s':>9} {'decode/s':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['method']:<10} {r['pattern']:<13} {r.get('compute_dtype', '-'):<9} {r['sparsity']:>8.4f} "
+            f"{r['ppl']:>9.3f} {r['ppl'] / dense:>8.3f} {r['seconds']:>8.1f} "
+            f"{r.get('prefill_tokens_per_s', float('nan')):>9.0f} {r.get('decode_tokens_per_s', float('nan')):>8.1f}"
+        )
+    print()
+    for t in targets:
+        print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {t['value']}")
+
+    result = {
+        "machine": machine(),
+        "date": dt.date.today().isoformat(),
+        "settings": {
+            "calibration_blocks": args.calibration,
+            "validation_blocks": args.validation,
+            "block_size": 512,
+            "batch_size": args.batch_size,
+            "compute_dtype": args.compute_dtype,
+            "text": "pydoc_topics",
+        },
+        "rows": rows,
+        "targets": targets,
+    }
+    write_json_atomic(args.out, result)
+    write_bytes_atomic(args.out.with_suffix(".png"), figure_png(rows, dense))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def figure_png(rows: list[dict], dense: float) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["method"] != "dense"]
+    labels = [f"{r['method']}\n{r['pattern']}\n{r.get('compute_dtype', '')}" for r in shown]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.5))
+    a.bar(labels, [r["ppl"] for r in shown], color="tab:blue")
+    a.axhline(dense, color="black", linestyle="--", label=f"dense {dense:.2f}")
+    a.set(ylabel="validation perplexity", title="Perplexity after one-shot pruning (SmolLM2-135M)")
+    a.legend()
+    b.bar(labels, [r["seconds"] for r in shown], color="tab:orange")
+    b.axhline(60, color="black", linestyle=":", label="60 s")
+    b.set(ylabel="seconds (pruning, 2 cores)", title="Wall time")
+    b.legend()
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

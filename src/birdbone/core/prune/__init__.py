@@ -1,0 +1,63 @@
+"""Pruning: criteria (one file each, registered by name) x patterns, applied through the
+calibration walk. ``prune_`` is the one verb."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from birdbone.core.masks import MaskSet
+from birdbone.core.prune import magnitude, sparsegpt, wanda  # noqa: F401  (registration)
+from birdbone.core.prune.base import PRUNERS, LayerPruner, register
+from birdbone.core.prune.patterns import check_fits
+from birdbone.core.walk import calibration_walk
+from birdbone.errors import PruneError
+
+__all__ = ["PRUNERS", "LayerPruner", "prune_", "register"]
+
+
+def prune_(
+    bundle: Any,
+    method: str,
+    pattern: Any,
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    options: Any = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[MaskSet, dict[str, Any]]:
+    """Prunes every decoder-block Linear of ``bundle.model`` in place.
+
+    Args:
+        method: a registered criterion (``PRUNERS``): magnitude, wanda, sparsegpt.
+        pattern: ``{kind: unstructured, sparsity}`` or ``{kind: nm, n, m}`` (config object).
+        calibration: token blocks ``[n, length]`` for methods that look at activations.
+        compute_dtype: autocast type of the calibration forward passes (see the walk).
+
+    Returns:
+        The keep-masks, and a report (method, pattern, achieved sparsity, seconds).
+
+    Raises:
+        PruneError: unknown method, a pattern a layer cannot take, missing calibration
+            data (all before any compute), or a target not reached.
+    """
+    if method not in PRUNERS:
+        raise PruneError(f"unknown pruning method '{method}'; known: {', '.join(sorted(PRUNERS))}")
+    for name, linear in bundle.adapter.linears(bundle.model).items():
+        check_fits(name, tuple(linear.weight.shape), pattern)
+    pruner = PRUNERS[method](pattern, bundle.adapter.blocks_path, options)
+    if pruner.needs_inputs and (calibration is None or calibration.shape[0] == 0):
+        raise PruneError(f"{method} needs calibration blocks (data.splits.calibration > 0)")
+    start = time.perf_counter()
+    calibration_walk(bundle, calibration, pruner, batch_size, device, f"{method} pruning", compute_dtype)  # type: ignore[arg-type]
+    report = {
+        "method": method,
+        "pattern": pattern.model_dump() if hasattr(pattern, "model_dump") else dict(vars(pattern)),
+        "compute_dtype": str(compute_dtype or "model dtype"),
+        "sparsity": pruner.masks.overall_sparsity(),
+        "layers": pruner.masks.sparsity(),
+        "seconds": time.perf_counter() - start,
+    }
+    return pruner.masks, report

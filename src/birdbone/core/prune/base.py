@@ -1,0 +1,65 @@
+"""The pruner registry and the base class that turns per-layer scores into masks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from birdbone.core.masks import MaskSet
+from birdbone.core.prune.patterns import check_mask, keep_mask
+from birdbone.core.walk import InputStats
+
+PRUNERS: dict[str, type[LayerPruner]] = {}
+
+
+def register(name: str) -> Callable[[type[LayerPruner]], type[LayerPruner]]:
+    """Registers a pruner class under ``name``."""
+
+    def wrap(cls: type[LayerPruner]) -> type[LayerPruner]:
+        cls.name = name
+        PRUNERS[name] = cls
+        return cls
+
+    return wrap
+
+
+class LayerPruner:
+    """A ``BlockMethod`` that prunes every Linear of each block as it is walked.
+
+    Subclasses give ``scores`` (higher = keep); those needing more than a mask (SparseGPT's
+    weight update) override ``prune_linear``.
+    """
+
+    name: ClassVar[str] = ""
+    needs_inputs: ClassVar[bool] = True
+    needs_gram: ClassVar[bool] = False
+    needs_frequency: ClassVar[bool] = False
+    group: ClassVar[str] = "row"
+
+    def __init__(self, pattern: Any, prefix: str, options: Any = None):
+        self.pattern = pattern
+        self.prefix = prefix
+        self.options = options
+        self.masks = MaskSet()
+
+    def scores(self, linear: nn.Linear, stats: InputStats | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def prune_linear(self, linear: nn.Linear, stats: InputStats | None, name: str = "") -> torch.Tensor:
+        """Masks the layer in place and returns its keep-mask."""
+        mask = keep_mask(self.scores(linear, stats), self.pattern, self.group)
+        linear.weight.mul_(mask.to(linear.weight.dtype))
+        return mask
+
+    def process(
+        self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]
+    ) -> None:
+        for name, linear in linears.items():
+            full = f"{self.prefix}.{index}.{name}.weight"
+            mask = self.prune_linear(linear, stats.get(name), full)
+            check_mask(full, mask, linear.weight, self.pattern)
+            self.masks[full] = mask
