@@ -27,6 +27,7 @@ import torch
 from birdbone.config import (
     DataConfig,
     DefaultModel,
+    GradientOptions,
     HeadsPattern,
     MLPChannelsPattern,
     NMPattern,
@@ -45,7 +46,8 @@ PATTERNS = {
     "unstructured": UnstructuredPattern(kind="unstructured", sparsity=0.5),
     "2:4": NMPattern(kind="nm", n=2, m=4),
 }
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "gradient"]
+OPTIONS = {"sparsegpt": SparseGPTOptions(), "gradient": GradientOptions(gradient_blocks=8)}
 # Structured: 25 % of MLP channels (1536 -> 1152, a multiple of 32), and 25 % of heads, which
 # on SmolLM2 (9 query heads in 3 KV groups) rounds to one query head per group (3 of 9).
 STRUCTURED = {
@@ -114,7 +116,7 @@ def main() -> int:
                 pattern,
                 blocks["calibration"],
                 args.batch_size,
-                options=SparseGPTOptions(),
+                options=OPTIONS.get(method),
                 compute_dtype=compute,
             )
             seconds = time.perf_counter() - start
@@ -187,7 +189,7 @@ def main() -> int:
     dense = rows[0]["ppl"]
     targets = []
     for pattern_name in PATTERNS:
-        m, w, s = (by[(k, pattern_name, args.compute_dtype)]["ppl"] for k in METHODS)
+        m, w, s = (by[(k, pattern_name, args.compute_dtype)]["ppl"] for k in ("magnitude", "wanda", "sparsegpt"))
         targets.append(
             {
                 "target": f"sparsegpt <= wanda <= magnitude at {pattern_name}",

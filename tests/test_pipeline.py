@@ -40,9 +40,18 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert len(report["spectra"]) == 2 * 7 + 1
     sidecar = json.loads((project / "models/baseline/birdbone.json").read_text())
     assert sidecar["origin"]["source"]["kind"] == "tiny" and "model.safetensors" in sidecar["sha256"]
+    profile = json.loads((project / "data/04_feature/profile.json").read_text())
+    assert len(profile["block_influence"]) == 2 and profile["calibration_blocks"] == 8
+    assert (project / "data/08_reporting/profile.png").read_bytes()[:4] == b"\x89PNG"
+    from safetensors.torch import load_file
+
+    tensors = load_file(project / "data/04_feature/profile.safetensors")
+    assert tensors["model.layers.1.mlp.down_proj.gram"].shape == (128, 128)
+    assert tensors["model.layers.0.self_attn.o_proj.weight.grad_abs"].shape == (64, 64)
     runs = mlflow_runs(project)
     assert list(runs["status"]) == ["FINISHED"]
     assert runs["metrics.baseline.ppl_val"][0] == pytest.approx(base["ppl_val"])
+    assert runs["metrics.profile.block_influence.1"][0] == pytest.approx(profile["block_influence"][1])
     assert runs["params.data.block_size"][0] == "64"
     assert not list(project.rglob(".tmp-*"))
 

@@ -285,6 +285,29 @@ class BaselineConfig(Stage):
     spectra: SpectraConfig = SpectraConfig()
 
 
+# --------------------------------------------------------------------------- profile
+
+
+class ProfileConfig(Stage):
+    """Usage profiling over the calibration split, one block at a time.
+
+    Example (``conf/base/parameters_profile.yml``)::
+
+        profile:
+          blocks: 32             # calibration blocks to use (null: the whole split)
+          batch_size: 4
+          compute_dtype: float32 # bfloat16: faster passes on CPUs with AVX512-BF16
+          gram: false            # also store each Linear's input Gram matrix X^T X / n
+          gradient_blocks: 4     # backward passes for E|dL/dW| (0: skip)
+    """
+
+    blocks: PositiveInt | None = 32
+    batch_size: PositiveInt = 4
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    gram: bool = False
+    gradient_blocks: NonNegativeInt = 4
+
+
 # --------------------------------------------------------------------------- pruning
 
 
@@ -351,13 +374,19 @@ class SparseGPTOptions(Stage):
     damp: Annotated[float, Field(gt=0, le=1)] = 0.01
 
 
+class GradientOptions(Stage):
+    """How many calibration blocks the gradient criterion's backward passes use."""
+
+    gradient_blocks: PositiveInt = 8
+
+
 class PruneConfig(Stage):
     """One pruning pass: criterion x pattern, calibrated on the calibration split.
 
     Example::
 
         prune:
-          method: wanda            # magnitude | wanda | sparsegpt
+          method: wanda            # magnitude | wanda | sparsegpt | gradient
           pattern: {kind: unstructured, sparsity: 0.5}    # or {kind: nm, n: 2, m: 4}
           batch_size: 4
           compute_dtype: float32   # bfloat16: faster calibration passes on CPUs with AVX512-BF16
@@ -369,6 +398,7 @@ class PruneConfig(Stage):
     batch_size: PositiveInt = 4
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
+    gradient: GradientOptions = GradientOptions()
 
     @field_validator("method")
     @classmethod
@@ -409,6 +439,7 @@ class Recipe(Stage):
     model: ModelConfig
     data: DataConfig
     baseline: BaselineConfig = BaselineConfig()
+    profile: ProfileConfig = ProfileConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def hash(self) -> str:

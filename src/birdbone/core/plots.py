@@ -68,3 +68,33 @@ def headline(report: dict[str, Any]) -> dict[str, str]:
         score = task.get("accuracy", task.get("exact_match"))
         rows[f"task {name}"] = f"{score:.3f} (n={task['n']})"
     return rows
+
+
+def profile_figure(summary: dict[str, Any]) -> Figure:
+    """Heat-map of activation frequency (block x Linear), block influence, and head
+    importance (block x head)."""
+    import numpy as np
+
+    freq = summary["mean_frequency"]
+    kinds = sorted({_LAYER.search(k).group(2) for k in freq if _LAYER.search(k)})
+    blocks = len(summary["block_influence"])
+    grid = np.full((len(kinds), blocks), np.nan)
+    for key, value in freq.items():
+        match = _LAYER.search(key)
+        if match:
+            grid[kinds.index(match.group(2)), int(match.group(1))] = value
+    heads = summary["head_importance"]
+    head_grid = np.array([heads[k] for k in sorted(heads, key=lambda k: int(k.rsplit(".", 1)[1]))])
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [3, 2, 3]})
+    image = axes[0].imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    axes[0].set(
+        yticks=range(len(kinds)), yticklabels=kinds, xlabel="decoder block", title="Activation frequency (|x| > eps)"
+    )
+    fig.colorbar(image, ax=axes[0])
+    axes[1].bar(range(blocks), summary["block_influence"], color="tab:red")
+    axes[1].set(xlabel="decoder block", ylabel="1 - cos(in, out)", title="Block influence")
+    image = axes[2].imshow(head_grid.T, aspect="auto", cmap="magma")
+    axes[2].set(xlabel="decoder block", ylabel="query head", title="Head importance (||X_o|| * ||W_o||)")
+    fig.colorbar(image, ax=axes[2])
+    fig.tight_layout()
+    return fig

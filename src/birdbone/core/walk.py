@@ -116,6 +116,8 @@ class BlockMethod(Protocol):
     needs_inputs: bool  # collect InputStats for the block's Linears
     needs_gram: bool  # ... including the Gram matrix X^T X
     needs_frequency: bool  # ... including activation counts
+    # modifies_blocks (optional, default True): False lets the walk reuse the statistics
+    # pass's outputs instead of running the unchanged block again.
 
     def process(
         self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]
@@ -211,13 +213,14 @@ def _walk(
         shared = _SharedInputs(stats)
         handles = [linear.register_forward_hook(shared.hook(name)) for name, linear in linears.items()]
         try:
-            run_block(block, inputs, shared)
+            outputs = run_block(block, inputs, shared)
         finally:
             for handle in handles:
                 handle.remove()
         with torch.autocast(device.type, enabled=False):  # the method's own math in full precision
             method.process(index, block, linears, stats)
-        outputs = run_block(block, inputs)
+        if getattr(method, "modifies_blocks", True):  # the changed block's outputs feed the next
+            outputs = run_block(block, inputs)
         if hasattr(method, "after_block"):
             with torch.autocast(device.type, enabled=False):
                 method.after_block(index, [h for h, _ in inputs], outputs)

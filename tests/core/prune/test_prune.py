@@ -15,7 +15,7 @@ def calibration():
     return blocks_of(8, 512, length=32, seed=1)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gradient"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.77])
 def test_unstructured_reaches_the_target_in_every_layer(tiny_bundle, method, sparsity):
     pattern = UnstructuredPattern(kind="unstructured", sparsity=sparsity)
@@ -30,7 +30,7 @@ def test_unstructured_reaches_the_target_in_every_layer(tiny_bundle, method, spa
     assert report["sparsity"] == pytest.approx(sparsity, abs=0.01)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gradient"])
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (3, 8)])
 def test_every_nm_group_keeps_exactly_n(tiny_bundle, method, n, m):
     masks, _ = prune_(tiny_bundle, method, NMPattern(kind="nm", n=n, m=m), calibration())
@@ -39,7 +39,7 @@ def test_every_nm_group_keeps_exactly_n(tiny_bundle, method, n, m):
         assert bool((groups == n).all()), name
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gradient"])
 def test_same_seed_same_masks_bit_for_bit(tiny_tokenizer, method):
     from birdbone.core import modeling
 
@@ -105,10 +105,14 @@ def test_nm_that_does_not_tile_a_layer_fails_before_compute(tiny_bundle):
 
 
 def test_unknown_method_and_missing_calibration(tiny_bundle):
-    with pytest.raises(PruneError, match="unknown pruning method 'wandaa'; known: magnitude, sparsegpt, wanda"):
+    with pytest.raises(
+        PruneError, match="unknown pruning method 'wandaa'; known: gradient, magnitude, sparsegpt, wanda"
+    ):
         prune_(tiny_bundle, "wandaa", HALF)
-    with pytest.raises(PruneError, match="needs calibration blocks"):
-        prune_(tiny_bundle, "wanda", HALF, None)
+    for method in ("wanda", "sparsegpt", "gradient"):
+        with pytest.raises(PruneError, match="needs calibration blocks"):
+            prune_(tiny_bundle, method, HALF, None)
+    prune_(tiny_bundle, "magnitude", HALF, None)  # weights alone
 
 
 @pytest.mark.parametrize(
@@ -130,6 +134,20 @@ def test_bad_patterns_are_config_errors(pattern, message):
 def test_unknown_method_in_config_lists_known():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="known: magnitude, sparsegpt, wanda"):
+    with pytest.raises(ValidationError, match="known: gradient, magnitude, sparsegpt, wanda"):
         PruneConfig(method="obs", pattern={"kind": "unstructured", "sparsity": 0.5})
     assert PruneConfig(method="sparsegpt", pattern={"kind": "nm", "n": 2, "m": 4}).sparsegpt == SparseGPTOptions()
+
+
+def test_gradient_pruner_uses_weight_times_gradient(tiny_bundle):
+    """|W * dL/dW| per row: rows pruned are the ones with the lowest product."""
+    from birdbone.core.profile import gradient_magnitude
+
+    blocks = calibration()
+    grads = gradient_magnitude(tiny_bundle, blocks[:8])
+    weights = {n: p.detach().clone() for n, p in tiny_bundle.model.named_parameters()}
+    masks, _ = prune_(tiny_bundle, "gradient", HALF, blocks)
+    name = "model.layers.0.mlp.up_proj.weight"
+    score = weights[name].abs() * grads[name]
+    expected = torch.ones_like(score, dtype=torch.bool).scatter_(1, score.topk(32, dim=1, largest=False).indices, False)
+    assert torch.equal(masks[name], expected)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from birdbone.core.masks import MaskSet
-from birdbone.core.prune import magnitude, sparsegpt, wanda  # noqa: F401  (registration)
+from birdbone.core.prune import gradient, magnitude, sparsegpt, wanda  # noqa: F401  (registration)
 from birdbone.core.prune.base import PRUNERS, LayerPruner, register
 from birdbone.core.prune.patterns import check_fits
 from birdbone.core.walk import calibration_walk
@@ -31,7 +31,7 @@ def prune_(
     """Prunes every decoder-block Linear of ``bundle.model`` in place.
 
     Args:
-        method: a registered criterion (``PRUNERS``): magnitude, wanda, sparsegpt.
+        method: a registered criterion (``PRUNERS``): magnitude, wanda, sparsegpt, gradient.
         pattern: ``{kind: unstructured, sparsity}`` or ``{kind: nm, n, m}`` (config object).
         calibration: token blocks ``[n, length]`` for methods that look at activations.
         compute_dtype: autocast type of the calibration forward passes (see the walk).
@@ -48,9 +48,10 @@ def prune_(
     for name, linear in bundle.adapter.linears(bundle.model).items():
         check_fits(name, tuple(linear.weight.shape), pattern)
     pruner = PRUNERS[method](pattern, bundle.adapter.blocks_path, options)
-    if pruner.needs_inputs and (calibration is None or calibration.shape[0] == 0):
+    if pruner.needs_calibration and (calibration is None or calibration.shape[0] == 0):
         raise PruneError(f"{method} needs calibration blocks (data.splits.calibration > 0)")
     start = time.perf_counter()
+    pruner.prepare(bundle, calibration, device)
     calibration_walk(bundle, calibration, pruner, batch_size, device, f"{method} pruning", compute_dtype)  # type: ignore[arg-type]
     report = {
         "method": method,

@@ -45,6 +45,14 @@ class LayerPruner:
         self.options = options
         self.masks = MaskSet()
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the method needs calibration blocks at all."""
+        return self.needs_inputs
+
+    def prepare(self, bundle: Any, calibration: torch.Tensor | None, device: Any) -> None:
+        """Runs once before the walk, on the model as it is (e.g. to measure gradients)."""
+
     def scores(self, linear: nn.Linear, stats: InputStats | None) -> torch.Tensor:
         raise NotImplementedError
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from birdbone.core import structure
+from birdbone.core.profile import block_influence_of, column_importance, head_importance
 from birdbone.core.walk import InputStats, calibration_walk
 from birdbone.errors import PruneError
 
@@ -98,15 +99,14 @@ class _StructuredPruner:
         if self.pattern.kind == "mlp_channels":
             down_name = f"{a.mlp_path}.{a.mlp_linears[2]}"
             down = linears[down_name]
-            score = self._input_norm(stats[down_name]) * down.weight.detach().float().norm(dim=0)
+            score = column_importance(self._input_norm(stats[down_name]), down.weight)
             keep = score.topk(kept_width(down.in_features, self.pattern.ratio, self.pattern.multiple)).indices
             structure.keep_mlp_channels_(block.get_submodule(a.mlp_path), keep, a)
             self.removed[index] = down.in_features - keep.numel()
             return
         o_name = f"{a.attention_path}.{a.attention_linears[3]}"
         o = linears[o_name]
-        column = self._input_norm(stats[o_name]) * o.weight.detach().float().norm(dim=0)
-        head_score = column.reshape(-1, self.head_dim).sum(-1)  # [heads]
+        head_score = head_importance(self._input_norm(stats[o_name]), o.weight, self.head_dim)  # [heads]
         per_group = self.heads // self.kv_heads
         q_keep, kv_keep = heads_kept(self.heads, self.kv_heads, self.pattern.ratio, self.pattern.mode)
         grouped = head_score.reshape(self.kv_heads, per_group)
@@ -131,6 +131,7 @@ class _BlockInfluence:
     needs_inputs = True
     needs_gram = False
     needs_frequency = False
+    modifies_blocks = False
 
     def __init__(self) -> None:
         self.influence: dict[int, float] = {}
@@ -141,12 +142,7 @@ class _BlockInfluence:
         pass
 
     def after_block(self, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        total, count = 0.0, 0
-        for x, y in zip(inputs, outputs, strict=True):
-            cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
-            total += float(cos.sum())
-            count += cos.numel()
-        self.influence[index] = 1.0 - total / count
+        self.influence[index] = block_influence_of(inputs, outputs)
 
 
 def block_influence(

@@ -1,0 +1,145 @@
+"""Usage profiling: how much each part of the model is used on calibration data.
+
+One calibration walk (the model is not changed) collects, per block Linear, the
+input-channel activation norms (Wanda's ||X_j||), the activation frequency (share of
+tokens with |x| > eps) and optionally the Gram matrix X^T X; per block, its influence
+1 - cos(input, output) and the importance of each attention head (the activation-weighted
+norm of the o_proj columns the head writes, summed over its head_dim). Gradient magnitude
+E|dL/dW| comes from backward passes over calibration blocks, one block at a time so memory
+stays at the model, its gradients and one accumulator.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from birdbone.core.walk import InputStats, calibration_walk
+
+
+def block_influence_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """1 - mean over tokens of cos(block input, block output) (ShortGPT's block influence)."""
+    total, count = 0.0, 0
+    for x, y in zip(inputs, outputs, strict=True):
+        cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+        total += float(cos.sum())
+        count += cos.numel()
+    return 1.0 - total / count
+
+
+def column_importance(input_norm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """||X_c||_2 * ||W[:, c]||_2 per input column c: how much that input feeds the output."""
+    return input_norm.to(weight.device) * weight.detach().float().norm(dim=0)
+
+
+def head_importance(input_norm: torch.Tensor, o_weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per query head: the column importance of o_proj summed over the head's columns."""
+    return column_importance(input_norm, o_weight).reshape(-1, head_dim).sum(-1)
+
+
+class _Profiler:
+    """A walk method that records statistics and changes nothing."""
+
+    needs_inputs = True
+    needs_frequency = True
+    modifies_blocks = False
+
+    def __init__(self, adapter: Any, config: Any, want_gram: bool):
+        self.adapter = adapter
+        self.needs_gram = want_gram
+        self.heads, self.kv_heads, self.head_dim = adapter.attention_shape(config)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.influence: dict[int, float] = {}
+
+    def process(
+        self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]
+    ) -> None:
+        prefix = f"{self.adapter.blocks_path}.{index}"
+        for name, stat in stats.items():
+            self.tensors[f"{prefix}.{name}.input_norm"] = stat.norm()
+            self.tensors[f"{prefix}.{name}.frequency"] = stat.frequency()
+            if stat.gram is not None:
+                self.tensors[f"{prefix}.{name}.gram"] = stat.gram / max(stat.tokens, 1)
+        o_name = f"{self.adapter.attention_path}.{self.adapter.attention_linears[3]}"
+        self.tensors[f"{prefix}.head_importance"] = head_importance(
+            stats[o_name].norm(), linears[o_name].weight, self.head_dim
+        )
+
+    def after_block(self, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        self.influence[index] = block_influence_of(inputs, outputs)
+
+
+def gradient_magnitude(
+    bundle: Any, blocks: torch.Tensor, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """E|dL/dW| for every block Linear weight: the mean absolute gradient of the
+    next-token loss over ``blocks``, one block per backward pass."""
+    model = bundle.model
+    linears = bundle.adapter.linears(model)
+    sums = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in linears.items()}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in linears.values():
+        module.weight.requires_grad_(True)
+    try:
+        for row in tqdm(blocks, desc="gradients", unit="block"):
+            ids = row[None].to(device)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            for name, module in linears.items():
+                sums[name] += module.weight.grad.detach().abs().float()
+                module.weight.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {f"{name}.weight": total / max(blocks.shape[0], 1) for name, total in sums.items()}
+
+
+def profile_usage(
+    bundle: Any,
+    calibration: torch.Tensor,
+    config: Any,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Profiles ``bundle.model`` on calibration blocks (see the module docstring).
+
+    Args:
+        config: a ``ProfileConfig`` (batch_size, compute_dtype, gram, gradient_blocks).
+
+    Returns:
+        Tensors keyed ``<linear>.input_norm|frequency|gram``, ``<block>.head_importance``,
+        ``<linear>.weight.grad_abs`` and ``block_influence``; and a JSON-able summary.
+    """
+    start = time.perf_counter()
+    if config.blocks is not None:
+        calibration = calibration[: config.blocks]
+    method = _Profiler(bundle.adapter, bundle.model.config, config.gram)
+    dtype = getattr(torch, config.compute_dtype) if config.compute_dtype != "float32" else None
+    calibration_walk(bundle, calibration, method, config.batch_size, device, "profiling", dtype)
+    tensors = dict(method.tensors)
+    blocks = len(method.influence)
+    tensors["block_influence"] = torch.tensor([method.influence[i] for i in range(blocks)])
+    walked = time.perf_counter() - start
+    if config.gradient_blocks:
+        for name, grad in gradient_magnitude(bundle, calibration[: config.gradient_blocks], device).items():
+            tensors[f"{name}.grad_abs"] = grad
+    summary = {
+        "calibration_blocks": int(calibration.shape[0]),
+        "gradient_blocks": int(min(config.gradient_blocks, calibration.shape[0])),
+        "block_influence": [round(float(v), 6) for v in tensors["block_influence"]],
+        "mean_frequency": {
+            key.removesuffix(".frequency"): float(t.mean()) for key, t in tensors.items() if key.endswith(".frequency")
+        },
+        "head_importance": {
+            key.removesuffix(".head_importance"): [float(v) for v in t]
+            for key, t in tensors.items()
+            if key.endswith(".head_importance")
+        },
+        "seconds": {"walk": walked, "total": time.perf_counter() - start},
+    }
+    return tensors, summary
