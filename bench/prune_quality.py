@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -76,7 +77,14 @@ def main() -> int:
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("bench/results/prune_quality.json"))
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the PNG from the JSON at --out, measure nothing"
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        rows = json.loads(args.out.read_text())["rows"]
+        write_bytes_atomic(args.out.with_suffix(".png"), figure_png(rows, rows[0]["ppl"]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     compute = getattr(torch, args.compute_dtype)
 
@@ -264,6 +272,7 @@ def main() -> int:
 
 
 def figure_png(rows: list[dict], dense: float) -> bytes:
+    """Horizontal bars: perplexity (log scale, dense as a line) and pruning wall time."""
     import io
 
     import matplotlib
@@ -271,19 +280,20 @@ def figure_png(rows: list[dict], dense: float) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["method"] != "dense"]
-    labels = [f"{r['method']}\n{r['pattern']}\n{r.get('compute_dtype', '')}" for r in shown]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.5))
-    a.bar(labels, [r["ppl"] for r in shown], color="tab:blue")
-    a.axhline(dense, color="black", linestyle="--", label=f"dense {dense:.2f}")
-    a.set(ylabel="validation perplexity", title="Perplexity after one-shot pruning (SmolLM2-135M)")
-    a.legend()
-    b.bar(labels, [r["seconds"] for r in shown], color="tab:orange")
-    b.axhline(60, color="black", linestyle=":", label="60 s")
-    b.set(ylabel="seconds (pruning, 2 cores)", title="Wall time")
-    b.legend()
-    for ax in (a, b):
-        ax.tick_params(axis="x", labelsize=7)
+    shown = [r for r in rows if r["method"] != "dense"][::-1]
+    labels = [f"{r['method']} | {r['pattern']} | {r.get('compute_dtype', '')}" for r in shown]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 0.42 * len(shown) + 1.6), sharey=True)
+    a.barh(labels, [r["ppl"] for r in shown], color="tab:blue")
+    a.axvline(dense, color="black", linestyle="--", label=f"dense {dense:.2f}")
+    a.set_xscale("log")
+    for y, r in enumerate(shown):
+        a.text(r["ppl"], y, f" {r['ppl']:.4g}", va="center", fontsize=7)
+    a.set(xlabel="validation perplexity (log scale)", title="Perplexity after one-shot pruning (SmolLM2-135M)")
+    a.legend(loc="lower right")
+    b.barh(labels, [r["seconds"] for r in shown], color="tab:orange")
+    b.axvline(60, color="black", linestyle=":", label="60 s")
+    b.set(xlabel="seconds (pruning, 2 cores)", title="Wall time")
+    b.legend(loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

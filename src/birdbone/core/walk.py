@@ -221,6 +221,7 @@ def _walk(
             method.process(index, block, linears, stats)
         if getattr(method, "modifies_blocks", True):  # the changed block's outputs feed the next
             outputs = run_block(block, inputs)
+        torch.clear_autocast_cache()  # autocast keeps low-precision weight copies until cleared
         if hasattr(method, "after_block"):
             with torch.autocast(device.type, enabled=False):
                 method.after_block(index, [h for h, _ in inputs], outputs)

@@ -150,3 +150,12 @@ def test_magnitude_and_wanda_criteria_differ_on_loud_channels(tiny_tokenizer):
     assert loud_kept == {"magnitude": [0, 0], "wanda": [32, 32]}
     with pytest.raises(PruneError, match="known: magnitude, wanda"):
         prune_structure_(None, MLPChannelsPattern(kind="mlp_channels", ratio=0.25), calibration(), criterion="taylor")
+
+
+def test_head_ratio_rounding_is_reported(tiny_tokenizer, caplog):
+    model = modeling.tiny_model(vocab=len(tiny_tokenizer), hidden=96, heads=6, kv_heads=2)  # 3 query heads per group
+    bundle = modeling.ModelBundle(model, tiny_tokenizer, modeling.adapter_for(model))
+    with caplog.at_level("WARNING"):
+        report = prune_structure_(bundle, HeadsPattern(kind="heads", ratio=0.25, mode="query"), calibration())
+    assert "heads ratio 0.25 removes 2 of 6 heads (0.333)" in caplog.text
+    assert [s["num_attention_heads"] for s in report["shapes"]] == [4, 4]

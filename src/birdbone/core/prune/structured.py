@@ -14,6 +14,7 @@ Widths are rounded to a multiple (default 32) so llama.cpp's block quantization 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -24,6 +25,8 @@ from birdbone.core import structure
 from birdbone.core.profile import block_influence_of, column_importance, head_importance
 from birdbone.core.walk import InputStats, calibration_walk
 from birdbone.errors import PruneError
+
+log = logging.getLogger(__name__)
 
 
 def kept_width(width: int, ratio: float, multiple: int) -> int:
@@ -64,8 +67,20 @@ def check_structured(bundle: Any, pattern: Any) -> None:
                 f"ratio {pattern.ratio} would remove every attention head ({heads} heads in {kv_heads} KV groups). "
                 "Fix: lower the ratio."
             )
+        step = 1 / kv_heads if pattern.mode == "kv_groups" else 1 / (heads // kv_heads)
+        if 0 < q < heads and abs((heads - q) / heads - pattern.ratio) > 1e-9:
+            log.warning(
+                "heads ratio %s removes %d of %d heads (%.3f): with %d KV groups, "
+                "mode '%s' removes heads in steps of %.3f",
+                pattern.ratio,
+                heads - q,
+                heads,
+                (heads - q) / heads,
+                kv_heads,
+                pattern.mode,
+                step,
+            )
         if q == heads:
-            step = 1 / kv_heads if pattern.mode == "kv_groups" else 1 / (heads // kv_heads)
             raise PruneError(
                 f"ratio {pattern.ratio} removes no head: with {heads} heads in {kv_heads} KV groups, mode "
                 f"'{pattern.mode}' removes heads in steps of {step:.3f} of the heads. "
