@@ -299,6 +299,7 @@ class ProfileConfig(Stage):
           compute_dtype: float32 # bfloat16: faster passes on CPUs with AVX512-BF16
           gram: false            # also store each Linear's input Gram matrix X^T X / n
           gradient_blocks: 4     # backward passes for E|dL/dW| (0: skip)
+          frequency_eps: 0.001   # a channel is active on a token when |x| > eps
     """
 
     blocks: PositiveInt | None = 32
@@ -306,6 +307,7 @@ class ProfileConfig(Stage):
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     gram: bool = False
     gradient_blocks: NonNegativeInt = 4
+    frequency_eps: Annotated[float, Field(gt=0)] = 1e-3
 
 
 # --------------------------------------------------------------------------- pruning

@@ -86,10 +86,9 @@ def profile_figure(summary: dict[str, Any]) -> Figure:
     heads = summary["head_importance"]
     head_grid = np.array([heads[k] for k in sorted(heads, key=lambda k: int(k.rsplit(".", 1)[1]))])
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [3, 2, 3]})
-    image = axes[0].imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    axes[0].set(
-        yticks=range(len(kinds)), yticklabels=kinds, xlabel="decoder block", title="Activation frequency (|x| > eps)"
-    )
+    image = axes[0].imshow(grid, aspect="auto", cmap="viridis", vmax=1)
+    title = f"Activation frequency (share of tokens with |x| > {summary.get('frequency_eps', 1e-3):g})"
+    axes[0].set(yticks=range(len(kinds)), yticklabels=kinds, xlabel="decoder block", title=title)
     fig.colorbar(image, ax=axes[0])
     axes[1].bar(range(blocks), summary["block_influence"], color="tab:red")
     axes[1].set(xlabel="decoder block", ylabel="1 - cos(in, out)", title="Block influence")

@@ -48,9 +48,10 @@ class _Profiler:
     needs_frequency = True
     modifies_blocks = False
 
-    def __init__(self, adapter: Any, config: Any, want_gram: bool):
+    def __init__(self, adapter: Any, config: Any, want_gram: bool, frequency_eps: float = 1e-3):
         self.adapter = adapter
         self.needs_gram = want_gram
+        self.frequency_eps = frequency_eps
         self.heads, self.kv_heads, self.head_dim = adapter.attention_shape(config)
         self.tensors: dict[str, torch.Tensor] = {}
         self.influence: dict[int, float] = {}
@@ -118,7 +119,7 @@ def profile_usage(
     start = time.perf_counter()
     if config.blocks is not None:
         calibration = calibration[: config.blocks]
-    method = _Profiler(bundle.adapter, bundle.model.config, config.gram)
+    method = _Profiler(bundle.adapter, bundle.model.config, config.gram, config.frequency_eps)
     dtype = getattr(torch, config.compute_dtype) if config.compute_dtype != "float32" else None
     calibration_walk(bundle, calibration, method, config.batch_size, device, "profiling", dtype)
     tensors = dict(method.tensors)
@@ -131,6 +132,7 @@ def profile_usage(
     summary = {
         "calibration_blocks": int(calibration.shape[0]),
         "gradient_blocks": int(min(config.gradient_blocks, calibration.shape[0])),
+        "frequency_eps": config.frequency_eps,
         "block_influence": [round(float(v), 6) for v in tensors["block_influence"]],
         "mean_frequency": {
             key.removesuffix(".frequency"): float(t.mean()) for key, t in tensors.items() if key.endswith(".frequency")

@@ -206,8 +206,9 @@ def _walk(
     inputs = capture_block_inputs(model, layers[0], blocks, batch_size, device)
     for index, block in enumerate(tqdm(layers, desc=desc, unit="block")):
         linears = adapter.block_linears(block)
+        eps = getattr(method, "frequency_eps", 1e-3)
         stats = {
-            name: InputStats(linear.in_features, want_gram=method.needs_gram, want_frequency=method.needs_frequency)
+            name: InputStats(linear.in_features, method.needs_gram, method.needs_frequency, eps)
             for name, linear in linears.items()
         }
         shared = _SharedInputs(stats)
