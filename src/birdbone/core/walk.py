@@ -102,7 +102,7 @@ class _SharedInputs:
         def observe(module: nn.Module, args: tuple, out: Any) -> None:
             x = args[0]
             entry = self.cache.get(id(x))
-            if entry is None or entry[0] is not x or entry[0].shape[-1] != self.stats[name].features:
+            if entry is None:
                 entry = (x, self.stats[name].batch_terms(x))
                 self.cache[id(x)] = entry
             self.stats[name].add_terms(entry[1])
@@ -116,8 +116,12 @@ class BlockMethod(Protocol):
     needs_inputs: bool  # collect InputStats for the block's Linears
     needs_gram: bool  # ... including the Gram matrix X^T X
     needs_frequency: bool  # ... including activation counts
-    # modifies_blocks (optional, default True): False lets the walk reuse the statistics
-    # pass's outputs instead of running the unchanged block again.
+    # Optional, read with getattr/hasattr:
+    #   frequency_eps (float, default 1e-3): |x| above which an input channel counts as active;
+    #   modifies_blocks (bool, default True): False lets the walk reuse the statistics pass's
+    #     outputs instead of running the unchanged block again;
+    #   after_block(index, inputs, outputs): called with the block's hidden-state inputs and
+    #     its (final) outputs, one tensor per calibration batch.
 
     def process(
         self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]
@@ -204,9 +208,9 @@ def _walk(
             method.process(index, block, adapter.block_linears(block), {})
         return
     inputs = capture_block_inputs(model, layers[0], blocks, batch_size, device)
+    eps = getattr(method, "frequency_eps", 1e-3)
     for index, block in enumerate(tqdm(layers, desc=desc, unit="block")):
         linears = adapter.block_linears(block)
-        eps = getattr(method, "frequency_eps", 1e-3)
         stats = {
             name: InputStats(linear.in_features, method.needs_gram, method.needs_frequency, eps)
             for name, linear in linears.items()

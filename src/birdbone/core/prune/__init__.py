@@ -11,7 +11,7 @@ import torch
 from birdbone.core.masks import MaskSet
 from birdbone.core.prune import gradient, magnitude, sparsegpt, wanda  # noqa: F401  (registration)
 from birdbone.core.prune.base import PRUNERS, LayerPruner, register
-from birdbone.core.prune.patterns import check_fits
+from birdbone.core.prune.patterns import check_fits, describe
 from birdbone.core.walk import calibration_walk
 from birdbone.errors import PruneError
 
@@ -55,7 +55,7 @@ def prune_(
     calibration_walk(bundle, calibration, pruner, batch_size, device, f"{method} pruning", compute_dtype)  # type: ignore[arg-type]
     report = {
         "method": method,
-        "pattern": pattern.model_dump() if hasattr(pattern, "model_dump") else dict(vars(pattern)),
+        "pattern": describe(pattern),
         "compute_dtype": str(compute_dtype or "model dtype"),
         "sparsity": pruner.masks.overall_sparsity(),
         "layers": pruner.masks.sparsity(),

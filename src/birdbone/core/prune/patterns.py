@@ -14,6 +14,11 @@ import torch
 from birdbone.errors import PruneError
 
 
+def describe(pattern: Any) -> dict[str, Any]:
+    """A pattern config as a plain dict, for reports."""
+    return pattern.model_dump() if hasattr(pattern, "model_dump") else dict(vars(pattern))
+
+
 def prune_count(width: int, sparsity: float) -> int:
     """How many of ``width`` weights a sparsity removes (rounded to nearest)."""
     return int(round(sparsity * width))

@@ -23,6 +23,7 @@ from torch import nn
 
 from birdbone.core import structure
 from birdbone.core.profile import block_influence_of, column_importance, head_importance
+from birdbone.core.prune.patterns import describe
 from birdbone.core.walk import InputStats, calibration_walk
 from birdbone.errors import PruneError
 
@@ -210,7 +211,7 @@ def prune_structure_(
     after = parameter_count(bundle.model)
     linear_after = sum(m.weight.numel() for m in bundle.adapter.linears(bundle.model).values())
     return {
-        "pattern": pattern.model_dump() if hasattr(pattern, "model_dump") else dict(vars(pattern)),
+        "pattern": describe(pattern),
         "criterion": criterion if pattern.kind != "blocks" else "block_influence",
         "params_before": before,
         "params_after": after,
