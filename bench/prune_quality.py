@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 
 from birdbone.config import (
+    BlocksPattern,
     DataConfig,
     DefaultModel,
     GradientOptions,
     HeadsPattern,
     MLPChannelsPattern,
     NMPattern,
+    OWLOptions,
     SparseGPTOptions,
     SpeedConfig,
     UnstructuredPattern,
@@ -55,6 +57,11 @@ STRUCTURED = {
     "mlp_channels": MLPChannelsPattern(kind="mlp_channels", ratio=0.25, multiple=32),
     "heads": HeadsPattern(kind="heads", ratio=0.25, mode="query"),
 }
+# Layer ratios: uniform against OWL at 50 % (the setting) and at 70 %, where the
+# OWL paper reports its gains. Rows carry "layer_ratios" and "study" so the main table's
+# comparisons stay on the uniform rows.
+OWL_STUDY = [("wanda", 0.5), ("sparsegpt", 0.5), ("wanda", 0.7)]
+BLOCKS = BlocksPattern(kind="blocks", count=3)
 SPEED = SpeedConfig(prompt_tokens=32, decode_tokens=32, prefill_tokens=512, repeats=3, warmup=1)
 
 
@@ -83,7 +90,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.plot_only:
         rows = json.loads(args.out.read_text())["rows"]
-        write_bytes_atomic(args.out.with_suffix(".png"), figure_png(rows, rows[0]["ppl"]))
+        extra = [{**r, "method": "influence"} for r in json.loads(args.out.read_text()).get("extra_rows", [])]
+        write_bytes_atomic(args.out.with_suffix(".png"), figure_png(rows + extra, rows[0]["ppl"]))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     compute = getattr(torch, args.compute_dtype)
@@ -193,7 +201,58 @@ def main() -> int:
     }
     rows.append(fp32)
 
-    by = {(r["method"], r["pattern"], r.get("compute_dtype")): r for r in rows}
+    # Per-block sparsities: OWL against uniform (70 % uniform is new; 50 % uniform is above).
+    for method, sparsity in OWL_STUDY:
+        for ratios in ("uniform", "owl") if sparsity != 0.5 else ("owl",):
+            bundle.model.load_state_dict(dense_state)
+            start = time.perf_counter()
+            _, report = prune_(
+                bundle,
+                method,
+                UnstructuredPattern(kind="unstructured", sparsity=sparsity),
+                blocks["calibration"],
+                args.batch_size,
+                options=OPTIONS.get(method),
+                compute_dtype=compute,
+                layer_ratios=OWLOptions() if ratios == "owl" else None,
+            )
+            row = {
+                "method": method,
+                "pattern": "unstructured",
+                "sparsity": report["sparsity"],
+                "ppl": ppl(),
+                "seconds": time.perf_counter() - start,
+                "compute_dtype": args.compute_dtype,
+                "layer_ratios": ratios,
+                "study": "layer_ratios",
+            }
+            if ratios == "owl":
+                row["block_sparsity"] = [round(v, 4) for v in report["block_sparsity"]]
+            rows.append(row)
+            log.info("%s %.0f%% %s: ppl %.3f, %.1f s", method, 100 * sparsity, ratios, row["ppl"], row["seconds"])
+
+    # Whole blocks, ranked by block influence (not one of the schema's criteria: kept apart).
+    bundle.model.load_state_dict(dense_state)
+    dense_model = bundle.model
+    bundle.model = copy.deepcopy(dense_model)
+    report = prune_structure_(bundle, BLOCKS, blocks["calibration"], args.batch_size, compute_dtype=compute)
+    extra_rows = [
+        {
+            "criterion": "block_influence",
+            "pattern": "blocks",
+            "blocks_removed": report["removed"]["blocks"],
+            "sparsity": report["sparsity"],
+            "ppl": ppl(),
+            "seconds": report["seconds"],
+            "compute_dtype": args.compute_dtype,
+            **timing(),
+        }
+    ]
+    bundle.model = dense_model
+    log.info("blocks %s removed: ppl %.3f", extra_rows[0]["blocks_removed"], extra_rows[0]["ppl"])
+
+    main_rows = [r for r in rows if "study" not in r]
+    by = {(r["method"], r["pattern"], r.get("compute_dtype")): r for r in main_rows}
     dense = rows[0]["ppl"]
     targets = []
     for pattern_name in PATTERNS:
@@ -226,6 +285,18 @@ def main() -> int:
         {"target": "same run, same masks (bit for bit)", "value": str(repeatable), "met": repeatable},
     ]
 
+    owl_at = {(r["method"], round(r["sparsity"], 2), r["layer_ratios"]): r for r in rows if "study" in r}
+    owl_at.update({(m, 0.5, "uniform"): by[(m, "unstructured", args.compute_dtype)] for m in ("wanda", "sparsegpt")})
+    for method, sparsity in OWL_STUDY:
+        uniform, owl = owl_at[(method, sparsity, "uniform")]["ppl"], owl_at[(method, sparsity, "owl")]["ppl"]
+        targets.append(
+            {
+                "target": f"{method} {sparsity:.0%}: OWL perplexity below uniform",
+                "value": f"{owl:.3f} vs {uniform:.3f}",
+                "met": owl < uniform,
+            }
+        )
+
     for pattern_name in STRUCTURED:
         cut = by[("wanda", pattern_name, args.compute_dtype)]
         ratio = cut["prefill_tokens_per_s"] / rows[0]["prefill_tokens_per_s"]
@@ -242,10 +313,17 @@ def main() -> int:
         f"{'prefill/s':>9} {'decode/s':>8}"
     )
     for r in rows:
+        label = r["pattern"] + (" owl" if r.get("layer_ratios") == "owl" else "")
         print(
-            f"{r['method']:<10} {r['pattern']:<13} {r.get('compute_dtype', '-'):<9} {r['sparsity']:>8.4f} "
+            f"{r['method']:<10} {label:<13} {r.get('compute_dtype', '-'):<9} {r['sparsity']:>8.4f} "
             f"{r['ppl']:>9.3f} {r['ppl'] / dense:>8.3f} {r['seconds']:>8.1f} "
             f"{r.get('prefill_tokens_per_s', float('nan')):>9.0f} {r.get('decode_tokens_per_s', float('nan')):>8.1f}"
+        )
+    for r in extra_rows:
+        print(
+            f"{'influence':<10} {'blocks':<13} {r['compute_dtype']:<9} {r['sparsity']:>8.4f} {r['ppl']:>9.3f} "
+            f"{r['ppl'] / dense:>8.3f} {r['seconds']:>8.1f} {r['prefill_tokens_per_s']:>9.0f} "
+            f"{r['decode_tokens_per_s']:>8.1f}   (blocks {r['blocks_removed']} removed)"
         )
     print()
     for t in targets:
@@ -263,10 +341,12 @@ def main() -> int:
             "text": "pydoc_topics",
         },
         "rows": rows,
+        "extra_rows": extra_rows,
         "targets": targets,
     }
     write_json_atomic(args.out, result)
-    write_bytes_atomic(args.out.with_suffix(".png"), figure_png(rows, dense))
+    extra = [{**r, "method": "influence"} for r in extra_rows]
+    write_bytes_atomic(args.out.with_suffix(".png"), figure_png(rows + extra, dense))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
@@ -281,7 +361,11 @@ def figure_png(rows: list[dict], dense: float) -> bytes:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["method"] != "dense"][::-1]
-    labels = [f"{r['method']} | {r['pattern']} | {r.get('compute_dtype', '')}" for r in shown]
+    labels = [
+        f"{r['method']} | {r['pattern']}{' ' + format(r['sparsity'], '.0%') if r['pattern'] == 'unstructured' else ''}"
+        f"{' | OWL' if r.get('layer_ratios') == 'owl' else ''} | {r.get('compute_dtype', '')}"
+        for r in shown
+    ]
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 0.42 * len(shown) + 1.6), sharey=True)
     a.barh(labels, [r["ppl"] for r in shown], color="tab:blue")
     a.axvline(dense, color="black", linestyle="--", label=f"dense {dense:.2f}")

@@ -382,6 +382,15 @@ class GradientOptions(Stage):
     gradient_blocks: PositiveInt = 8
 
 
+class OWLOptions(Stage):
+    """Outlier-weighted layer-wise sparsity: blocks with more outlier scores (above
+    ``threshold`` x the block's mean Wanda score) keep more; block sparsities lie within
+    the target +- ``spread`` and average to the target."""
+
+    threshold: Annotated[float, Field(gt=1)] = 5.0
+    spread: Annotated[float, Field(ge=0, lt=0.5)] = 0.08
+
+
 class PruneConfig(Stage):
     """One pruning pass: criterion x pattern, calibrated on the calibration split.
 
@@ -393,6 +402,8 @@ class PruneConfig(Stage):
           batch_size: 4
           compute_dtype: float32   # bfloat16: faster calibration passes on CPUs with AVX512-BF16
           sparsegpt: {block_size: 128, damp: 0.01}
+          layer_ratios: owl        # uniform | owl (unstructured only)
+          owl: {threshold: 5, spread: 0.08}
     """
 
     method: str
@@ -401,6 +412,21 @@ class PruneConfig(Stage):
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     sparsegpt: SparseGPTOptions = SparseGPTOptions()
     gradient: GradientOptions = GradientOptions()
+    layer_ratios: Literal["uniform", "owl"] = "uniform"
+    owl: OWLOptions = OWLOptions()
+
+    @model_validator(mode="after")
+    def _owl_needs_unstructured(self) -> PruneConfig:
+        if self.layer_ratios == "owl" and self.pattern.kind != "unstructured":
+            raise ValueError(
+                f"layer_ratios: owl varies the sparsity per block, but pattern {self.pattern.kind} has one fixed "
+                "ratio. Fix: use pattern kind unstructured, or layer_ratios: uniform"
+            )
+        return self
+
+    def layer_ratio_options(self) -> OWLOptions | None:
+        """What ``prune_`` takes as ``layer_ratios``."""
+        return self.owl if self.layer_ratios == "owl" else None
 
     @field_validator("method")
     @classmethod

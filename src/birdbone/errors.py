@@ -29,3 +29,7 @@ class TaskFileError(BirdboneError):
 
 class PruneError(BirdboneError):
     """A pruning request that cannot be met (bad pattern for a layer, target not reached)."""
+
+
+class StreamingError(BirdboneError):
+    """A step that needs the whole model in memory was asked of a block-streamed model."""

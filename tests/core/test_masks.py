@@ -30,3 +30,18 @@ def test_apply_zeroes_exactly_the_removed_weights(tiny_bundle):
     assert bool((weight[~mask] == 0).all())
     assert masks.sparsity()[name] == 1 - float(mask.float().mean())
     assert MaskSet.from_weights({name: weight}).equals(masks)
+
+
+def test_masks_are_held_as_bits_and_counted_exactly():
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.rand(11, 17, generator=generator) > 0.3  # 187 bits: the last byte is padded
+    masks = MaskSet({"w": mask})
+    assert masks._bits["w"].nbytes == (mask.numel() + 7) // 8
+    assert masks.kept("w") == int(mask.sum())
+    assert masks.sparsity()["w"] == 1 - int(mask.sum()) / mask.numel()
+    assert torch.equal(masks["w"], mask)
+    other = MaskSet({"w": mask.clone()})
+    other_flipped = mask.clone()
+    other_flipped[3, 4] = not bool(other_flipped[3, 4])
+    assert masks.equals(other)
+    assert not masks.equals(MaskSet({"w": other_flipped}))

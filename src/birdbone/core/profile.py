@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from birdbone.core.stream import require_in_memory
 from birdbone.core.walk import InputStats, calibration_walk
 
 
@@ -79,6 +80,7 @@ def gradient_magnitude(
 ) -> dict[str, torch.Tensor]:
     """E|dL/dW| for every block Linear weight: the mean absolute gradient of the
     next-token loss over ``blocks``, one block per backward pass."""
+    require_in_memory(bundle, "gradient magnitude")
     model = bundle.model
     linears = bundle.adapter.linears(model)
     sums = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in linears.items()}
@@ -116,6 +118,8 @@ def profile_usage(
         Tensors keyed ``<linear>.input_norm|frequency|gram``, ``<block>.head_importance``,
         ``<linear>.weight.grad_abs`` and ``block_influence``; and a JSON-able summary.
     """
+    if config.gradient_blocks:
+        require_in_memory(bundle, "profile.gradient_blocks > 0 (gradient magnitude)")
     start = time.perf_counter()
     if config.blocks is not None:
         calibration = calibration[: config.blocks]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -173,6 +173,17 @@ def run_block(
     return outputs
 
 
+def resident_block(bundle: Any) -> Callable[[int], contextlib.AbstractContextManager[nn.Module]]:
+    """``resident(index)``: a context giving block ``index`` with its weights in memory. A
+    streamed bundle (``core.stream``) reads it from disk and writes it back; an in-memory
+    model just hands it over."""
+    streamed = getattr(bundle, "resident", None)
+    if streamed is not None:
+        return streamed
+    layers = bundle.adapter.blocks(bundle.model)
+    return lambda index: contextlib.nullcontext(layers[index])
+
+
 def calibration_walk(
     bundle: Any,
     blocks: torch.Tensor,
@@ -203,31 +214,47 @@ def _walk(
 ) -> None:
     model, adapter = bundle.model, bundle.adapter
     layers = adapter.blocks(model)
+    resident = resident_block(bundle)
     if not method.needs_inputs:  # weights alone: nothing to run through the model
-        for index, block in enumerate(tqdm(layers, desc=desc, unit="block")):
-            method.process(index, block, adapter.block_linears(block), {})
+        for index in tqdm(range(len(layers)), desc=desc, unit="block"):
+            with resident(index) as block:
+                method.process(index, block, adapter.block_linears(block), {})
         return
     inputs = capture_block_inputs(model, layers[0], blocks, batch_size, device)
     eps = getattr(method, "frequency_eps", 1e-3)
-    for index, block in enumerate(tqdm(layers, desc=desc, unit="block")):
-        linears = adapter.block_linears(block)
-        stats = {
-            name: InputStats(linear.in_features, method.needs_gram, method.needs_frequency, eps)
-            for name, linear in linears.items()
-        }
-        shared = _SharedInputs(stats)
-        handles = [linear.register_forward_hook(shared.hook(name)) for name, linear in linears.items()]
-        try:
-            outputs = run_block(block, inputs, shared)
-        finally:
-            for handle in handles:
-                handle.remove()
-        with torch.autocast(device.type, enabled=False):  # the method's own math in full precision
-            method.process(index, block, linears, stats)
-        if getattr(method, "modifies_blocks", True):  # the changed block's outputs feed the next
-            outputs = run_block(block, inputs)
-        torch.clear_autocast_cache()  # autocast keeps low-precision weight copies until cleared
-        if hasattr(method, "after_block"):
-            with torch.autocast(device.type, enabled=False):
-                method.after_block(index, [h for h, _ in inputs], outputs)
-        inputs = [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs, strict=True)]
+    for index in tqdm(range(len(layers)), desc=desc, unit="block"):
+        with resident(index) as block:
+            inputs = _walk_block(index, block, adapter, inputs, method, eps, device)
+
+
+def _walk_block(
+    index: int,
+    block: nn.Module,
+    adapter: Any,
+    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    method: BlockMethod,
+    eps: float,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Statistics, the method, and the (changed) block's outputs as the next inputs."""
+    linears = adapter.block_linears(block)
+    stats = {
+        name: InputStats(linear.in_features, method.needs_gram, method.needs_frequency, eps)
+        for name, linear in linears.items()
+    }
+    shared = _SharedInputs(stats)
+    handles = [linear.register_forward_hook(shared.hook(name)) for name, linear in linears.items()]
+    try:
+        outputs = run_block(block, inputs, shared)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.autocast(device.type, enabled=False):  # the method's own math in full precision
+        method.process(index, block, linears, stats)
+    if getattr(method, "modifies_blocks", True):  # the changed block's outputs feed the next
+        outputs = run_block(block, inputs)
+    torch.clear_autocast_cache()  # autocast keeps low-precision weight copies until cleared
+    if hasattr(method, "after_block"):
+        with torch.autocast(device.type, enabled=False):
+            method.after_block(index, [h for h, _ in inputs], outputs)
+    return [(out, kwargs) for out, (_, kwargs) in zip(outputs, inputs, strict=True)]

@@ -34,7 +34,7 @@ def test_unstructured_reaches_the_target_in_every_layer(tiny_bundle, method, spa
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (1, 4), (3, 8)])
 def test_every_nm_group_keeps_exactly_n(tiny_bundle, method, n, m):
     masks, _ = prune_(tiny_bundle, method, NMPattern(kind="nm", n=n, m=m), calibration())
-    for name, mask in masks.masks.items():
+    for name, mask in masks.items():
         groups = mask.reshape(mask.shape[0], -1, m).sum(-1)
         assert bool((groups == n).all()), name
 
@@ -64,8 +64,8 @@ def test_wanda_keeps_weights_on_loud_channels(tiny_bundle):
     x = torch.ones(10, 8)
     x[:, 3] = 100
     stats.add(x)
-    pruner = PRUNERS["wanda"](UnstructuredPattern(kind="unstructured", sparsity=0.75), "x")
-    mask = pruner.prune_linear(linear, stats)
+    pattern = UnstructuredPattern(kind="unstructured", sparsity=0.75)
+    mask = PRUNERS["wanda"](pattern, "x").prune_linear(linear, stats, "x", pattern)
     assert bool(mask[:, 3].all())
 
 

@@ -44,6 +44,7 @@ class LayerPruner:
         self.prefix = prefix
         self.options = options
         self.masks = MaskSet()
+        self.block_patterns: dict[int, Any] = {}  # per-block targets (OWL); default: ``pattern``
 
     @property
     def needs_calibration(self) -> bool:
@@ -57,17 +58,18 @@ class LayerPruner:
         raise NotImplementedError
 
     @torch.no_grad()
-    def prune_linear(self, linear: nn.Linear, stats: InputStats | None, name: str = "") -> torch.Tensor:
-        """Masks the layer in place and returns its keep-mask."""
-        mask = keep_mask(self.scores(linear, stats), self.pattern, self.group)
+    def prune_linear(self, linear: nn.Linear, stats: InputStats | None, name: str, pattern: Any) -> torch.Tensor:
+        """Masks the layer in place under ``pattern`` and returns its keep-mask."""
+        mask = keep_mask(self.scores(linear, stats), pattern, self.group)
         linear.weight.mul_(mask.to(linear.weight.dtype))
         return mask
 
     def process(
         self, index: int, block: nn.Module, linears: dict[str, nn.Linear], stats: dict[str, InputStats]
     ) -> None:
+        pattern = self.block_patterns.get(index, self.pattern)
         for name, linear in linears.items():
             full = f"{self.prefix}.{index}.{name}.weight"
-            mask = self.prune_linear(linear, stats.get(name), full)
-            check_mask(full, mask, linear.weight, self.pattern)
+            mask = self.prune_linear(linear, stats.get(name), full, pattern)
+            check_mask(full, mask, linear.weight, pattern)
             self.masks[full] = mask

@@ -35,8 +35,8 @@ class GradientPruner(LayerPruner):
         self.gradients = gradient_magnitude(bundle, calibration[:blocks], device)
 
     @torch.no_grad()
-    def prune_linear(self, linear: nn.Linear, stats: Any, name: str = "") -> torch.Tensor:
+    def prune_linear(self, linear: nn.Linear, stats: Any, name: str, pattern: Any) -> torch.Tensor:
         grad = self.gradients[name].to(linear.weight.device)
-        mask = keep_mask(linear.weight.detach().abs().float() * grad, self.pattern, self.group)
+        mask = keep_mask(linear.weight.detach().abs().float() * grad, pattern, self.group)
         linear.weight.mul_(mask.to(linear.weight.dtype))
         return mask

@@ -100,7 +100,7 @@ class SparseGPTPruner(LayerPruner):
     needs_gram = True
 
     @torch.no_grad()
-    def prune_linear(self, linear: nn.Linear, stats: Any, name: str = "") -> torch.Tensor:
+    def prune_linear(self, linear: nn.Linear, stats: Any, name: str, pattern: Any) -> torch.Tensor:
         block_size = getattr(self.options, "block_size", 128)
         damp = getattr(self.options, "damp", 0.01)
-        return sparsegpt_(linear.weight.data, stats.hessian(), self.pattern, block_size, damp, name)
+        return sparsegpt_(linear.weight.data, stats.hessian(), pattern, block_size, damp, name)

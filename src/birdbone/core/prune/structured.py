@@ -24,6 +24,7 @@ from torch import nn
 from birdbone.core import structure
 from birdbone.core.profile import block_influence_of, column_importance, head_importance
 from birdbone.core.prune.patterns import describe
+from birdbone.core.stream import require_in_memory
 from birdbone.core.walk import InputStats, calibration_walk
 from birdbone.errors import PruneError
 
@@ -194,6 +195,7 @@ def prune_structure_(
 
     if criterion not in STRUCTURED_CRITERIA:
         raise PruneError(f"unknown structured criterion '{criterion}'; known: {', '.join(STRUCTURED_CRITERIA)}")
+    require_in_memory(bundle, f"structured pruning ({pattern.kind})")
     check_structured(bundle, pattern)
     before = parameter_count(bundle.model)
     linear_before = sum(m.weight.numel() for m in bundle.adapter.linears(bundle.model).values())
