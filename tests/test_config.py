@@ -63,7 +63,7 @@ def test_unknown_key_names_file_and_suggests_the_near_miss(tmp_path):
 def test_unknown_top_level_key_lists_the_stages(tmp_path):
     message = error_of({**GOOD, "decay_waves": {}}, tmp_path, conf(tmp_path, {"parameters_x.yml": {"decay_waves": {}}}))
     assert "decay_waves: unknown key" in message and "parameters_x.yml" in message
-    assert "known keys here: baseline, data, model, profile, run, tracking" in message
+    assert "did you mean 'decay'? known keys here: baseline, data, decay, model, profile, run, tracking" in message
 
 
 def test_wrong_type_states_the_type(tmp_path):

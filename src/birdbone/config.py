@@ -438,6 +438,85 @@ class PruneConfig(Stage):
         return method
 
 
+# --------------------------------------------------------------------------- decay
+
+
+class GateConfig(Stage):
+    """The stop-loss that judges each wave against the last accepted state.
+
+    Example::
+
+        gate:
+          step_limit: 0.03     # a wave more than +3 % perplexity over the accepted state is a strike
+          strikes: 2           # strikes in a row that undo the waves since the accepted state
+          budget: 1.0          # stop (undoing the wave) past +100 % perplexity over dense; null: none
+          kl_limit: null       # also a strike above this KL to the dense model (nats/token)
+          kl_top_k: 32         # teacher logits kept per token for the KL
+          rollback: gradual    # gradual: a share per wave, most important first; full: at once
+          rollback_waves: 3
+    """
+
+    step_limit: Annotated[float, Field(gt=0)] = 0.03
+    strikes: PositiveInt = 2
+    budget: Annotated[float, Field(gt=0)] | None = 1.0
+    kl_limit: Annotated[float, Field(gt=0)] | None = None
+    kl_top_k: Annotated[int, Field(ge=1, le=1024)] = 32
+    rollback: Literal["full", "gradual"] = "gradual"
+    rollback_waves: Annotated[int, Field(ge=1, le=10)] = 3
+
+
+class DecayConfig(PruneConfig):
+    """Decay in waves towards the pattern's target, each wave judged by the gate.
+
+    Example (``conf/base/parameters_decay.yml``)::
+
+        decay:
+          method: wanda
+          pattern: {kind: unstructured, sparsity: 0.5}   # or {kind: nm, n: 2, m: 4}: reached in the last wave
+          schedule: constant     # constant | linear | cubic
+          cap: 0.10              # no wave removes more than 10 % of the weights still present
+          waves: null            # null: the fewest waves the schedule needs under the cap
+          calibration_blocks: 32 # of the calibration split, per wave (null: all)
+          compute_dtype: bfloat16
+          gate: {step_limit: 0.03, strikes: 2, budget: 1.0}
+    """
+
+    enabled: bool = True
+    schedule: Literal["constant", "linear", "cubic"] = "constant"
+    cap: Annotated[float, Field(gt=0, le=1)] = 0.10
+    waves: PositiveInt | None = None
+    calibration_blocks: PositiveInt | None = None
+    gate: GateConfig = GateConfig()
+
+    @model_validator(mode="after")
+    def _reachable(self) -> DecayConfig:
+        if self.pattern.kind not in ("unstructured", "nm"):
+            raise ValueError(
+                f"decay waves take unstructured or nm patterns; {self.pattern.kind} is pruned in one pass "
+                "(prune_structure_). Fix: pattern kind unstructured or nm"
+            )
+        self.wave_targets()  # raises if the schedule cannot reach the target under the cap
+        return self
+
+    @property
+    def target(self) -> float:
+        """Final sparsity of the pattern (N:M: 1 - N/M)."""
+        return self.pattern.sparsity if self.pattern.kind == "unstructured" else 1.0 - self.pattern.n / self.pattern.m
+
+    def wave_targets(self) -> list[float]:
+        """Cumulative sparsity after each decay wave."""
+        from birdbone.core.schedule import wave_targets
+
+        return wave_targets(self.schedule, self.target, self.cap, self.waves)
+
+    def wave_count(self) -> int:
+        """Wave namespaces to register: the decay waves, plus room for a gradual rollback."""
+        if not self.enabled:
+            return 0
+        extra = self.gate.rollback_waves if self.gate.rollback == "gradual" else 0
+        return len(self.wave_targets()) + extra
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -468,6 +547,7 @@ class Recipe(Stage):
     data: DataConfig
     baseline: BaselineConfig = BaselineConfig()
     profile: ProfileConfig = ProfileConfig()
+    decay: DecayConfig | None = None
     tracking: TrackingConfig = TrackingConfig()
 
     def hash(self) -> str:

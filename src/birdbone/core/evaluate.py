@@ -26,19 +26,79 @@ def perplexity(
     has no context and is not scored), which is what ``model(ids, labels=ids).loss`` of
     transformers averages; over blocks of equal length the two agree exactly.
     """
+    return quality(model, blocks, None, batch_size, device, desc)
+
+
+def _check_blocks(blocks: torch.Tensor) -> None:
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise ValueError(f"perplexity needs a [blocks, length>=2] tensor, got shape {tuple(blocks.shape)}")
-    total_nll = 0.0
-    total_tokens = 0
+
+
+def _batches(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: Any, desc: str) -> Any:
+    """(start, ids, float32 next-token logits) per batch."""
     for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch", leave=False):
         ids = blocks[start : start + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        yield start, ids, model(ids, use_cache=False).logits[:, :-1].float()
+
+
+@torch.no_grad()
+def teacher_topk(
+    model: nn.Module, blocks: torch.Tensor, k: int = 32, batch_size: int = 4, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The (dense) teacher's top-k next-token log-probabilities and token ids for every
+    scored position of ``blocks``: ``index`` int32 and ``logprob`` float32, ``[n, L-1, k]``."""
+    _check_blocks(blocks)
+    index, logprob = [], []
+    for _, _, logits in _batches(model, blocks, batch_size, device, "teacher logits"):
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        index.append(top.indices.to(torch.int32).cpu())
+        logprob.append(top.values.cpu())
+    return {"index": torch.cat(index), "logprob": torch.cat(logprob)}
+
+
+def topk_kl(teacher_logprob: torch.Tensor, teacher_index: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Per position KL(teacher || student) over the teacher's top-k tokens plus one bin for
+    the rest of the vocabulary: exact for the coarsened distributions, and a lower bound of
+    the full KL (coarsening never increases a KL divergence)."""
+    student = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_index.long())
+    p = teacher_logprob.exp()
+    rest_t = (1.0 - p.sum(-1)).clamp(min=1e-12)
+    rest_s = (1.0 - student.exp().sum(-1)).clamp(min=1e-12)
+    return (p * (teacher_logprob - student)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())
+
+
+@torch.no_grad()
+def quality(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    teacher: dict[str, torch.Tensor] | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    desc: str = "quality",
+) -> dict[str, float]:
+    """Perplexity and, given the teacher's ``teacher_topk`` on the same blocks, the mean
+    per-token KL from the teacher, in one pass."""
+    _check_blocks(blocks)
+    if teacher is not None and tuple(teacher["index"].shape[:2]) != (blocks.shape[0], blocks.shape[1] - 1):
+        raise ValueError(
+            f"teacher logits cover {tuple(teacher['index'].shape[:2])} positions, the blocks "
+            f"{(blocks.shape[0], blocks.shape[1] - 1)}: they were cached for other text. Fix: rerun the baseline"
+        )
+    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
+    for start, ids, logits in _batches(model, blocks, batch_size, device, desc):
         targets = ids[:, 1:]
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         total_nll += float(nll)
         total_tokens += targets.numel()
+        if teacher is not None:
+            end = start + ids.shape[0]
+            logprob, index = (teacher[key][start:end].to(logits.device) for key in ("logprob", "index"))
+            total_kl += float(topk_kl(logprob, index, logits).sum())
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    result = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    if teacher is not None:
+        result["kl"] = total_kl / total_tokens
+    return result
 
 
 def parameter_count(model: nn.Module) -> int:

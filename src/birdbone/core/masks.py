@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,14 @@ class MaskSet:
         """Adds (or replaces) the masks of ``other``."""
         self._bits.update(other._bits)
         self._shapes.update(other._shapes)
+
+    def keep_(self, positions: Mapping[str, torch.Tensor]) -> None:
+        """Marks the given flat positions of each parameter as kept again (after a restore)."""
+        for name, index in positions.items():
+            if name in self and index.numel():
+                mask = self[name]
+                mask.view(-1)[index.long()] = True
+                self[name] = mask
 
     @classmethod
     def from_weights(cls, named: Mapping[str, torch.Tensor]) -> MaskSet:
@@ -129,3 +138,162 @@ class MaskSet:
             masks._bits[name] = packed[name].numpy()
             masks._shapes[name] = tuple(shape)
         return masks
+
+
+# --------------------------------------------------------------------------- deltas
+
+
+@dataclass
+class ParamDelta:
+    """One parameter's change in one wave: the flat indices of the weights the wave
+    removed (most important first) and their values before; and, for methods that also
+    move kept weights (SparseGPT), those weights' values before."""
+
+    removed_index: torch.Tensor  # int64 [r], sorted by importance, descending
+    removed_value: torch.Tensor  # [r]
+    updated_index: torch.Tensor  # int64 [u]
+    updated_value: torch.Tensor  # [u]
+
+    @property
+    def removed(self) -> int:
+        return int(self.removed_index.numel())
+
+
+class WaveDelta:
+    """What one wave changed, enough to undo it exactly and nothing more (no snapshots)."""
+
+    def __init__(self, params: dict[str, ParamDelta] | None = None):
+        self.params: dict[str, ParamDelta] = dict(params or {})
+
+    @classmethod
+    @torch.no_grad()
+    def between(
+        cls,
+        before: Mapping[str, torch.Tensor],
+        after: Mapping[str, torch.Tensor],
+        importance: Mapping[str, torch.Tensor] | None = None,
+    ) -> WaveDelta:
+        """The delta from ``before`` to ``after`` (same names and shapes). Removed weights are
+        ordered most important first: by ``importance`` (a tensor of the parameter's shape,
+        or a vector of per-input-column scales multiplying |W|), else by |W| before."""
+        params = {}
+        for name, old in before.items():
+            new = after[name]
+            old_flat, new_flat = old.detach().reshape(-1).cpu(), new.detach().reshape(-1).cpu()
+            changed = old_flat.view(_bits_of(old)) != new_flat.view(_bits_of(new))  # bitwise: -0.0 and NaN count
+            removed = changed & (new_flat == 0)
+            updated = changed & ~removed
+            idx = removed.nonzero().reshape(-1)
+            score = old_flat[idx].abs().float()
+            if importance is not None and name in importance:
+                weight = importance[name].cpu().float()
+                # a vector scales each input column (|W| * ||X||, Wanda's score); else per weight
+                score = score * weight[idx % old.shape[-1]] if weight.ndim == 1 else weight.reshape(-1)[idx]
+            idx = idx[torch.argsort(-score, stable=True)]
+            up = updated.nonzero().reshape(-1)
+            params[name] = ParamDelta(idx, old_flat[idx].clone(), up, old_flat[up].clone())
+        return cls(params)
+
+    def removed(self) -> int:
+        return sum(p.removed for p in self.params.values())
+
+    def part_index(self, part: int, parts: int) -> dict[str, torch.Tensor]:
+        """Flat indices of each parameter's removed weights in slice ``part`` of ``parts``."""
+        out = {}
+        for name, delta in self.params.items():
+            lo, hi = (delta.removed * part) // parts, (delta.removed * (part + 1)) // parts
+            out[name] = delta.removed_index[lo:hi]
+        return out
+
+    @torch.no_grad()
+    def restore_(self, model: nn.Module, part: int = 0, parts: int = 1) -> int:
+        """Writes back the ``part``-th of ``parts`` equal slices of each parameter's removed
+        weights (most important first); the last part also restores updated weights, so
+        restoring parts 0..parts-1 undoes the wave exactly. Returns the weights restored."""
+        named = dict(model.named_parameters())
+        restored = 0
+        for name, delta in self.params.items():
+            flat = named[name].data.view(-1)
+            lo, hi = (delta.removed * part) // parts, (delta.removed * (part + 1)) // parts
+            index = delta.removed_index[lo:hi].to(flat.device)
+            flat[index] = delta.removed_value[lo:hi].to(flat.device, flat.dtype)
+            restored += hi - lo
+            if part == parts - 1 and delta.updated_index.numel():
+                flat[delta.updated_index.to(flat.device)] = delta.updated_value.to(flat.device, flat.dtype)
+        return restored
+
+    def invert_(self, model: nn.Module) -> None:
+        """Undoes the wave exactly (waves after it must be undone first)."""
+        self.restore_(model, 0, 1)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        tensors = {}
+        for name, d in self.params.items():
+            tensors.update(
+                {
+                    f"{name}::removed_index": d.removed_index,
+                    f"{name}::removed_value": d.removed_value,
+                    f"{name}::updated_index": d.updated_index,
+                    f"{name}::updated_value": d.updated_value,
+                }
+            )
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"birdbone.delta": "1"})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> WaveDelta:
+        tensors = load_file(Path(path))
+        names = sorted({key.split("::")[0] for key in tensors})
+        return cls({n: ParamDelta(*(tensors[f"{n}::{part}"] for part in _DELTA_PARTS)) for n in names})
+
+
+class DeltaHistory:
+    """The deltas of successive waves, oldest first. Undoing them newest first walks the
+    model back wave by wave, bit for bit; only what each wave changed is stored."""
+
+    def __init__(self, waves: Mapping[int, WaveDelta] | None = None):
+        self.waves: dict[int, WaveDelta] = dict(sorted((waves or {}).items()))
+
+    def record(self, wave: int, delta: WaveDelta) -> None:
+        if self.waves and wave <= max(self.waves):
+            raise ValueError(f"wave {wave} recorded after wave {max(self.waves)}")
+        self.waves[wave] = delta
+
+    def undo_(self, model: nn.Module, wave: int) -> None:
+        """Undoes every wave from the newest back to ``wave`` (inclusive) and forgets them."""
+        for index in sorted((w for w in self.waves if w >= wave), reverse=True):
+            self.waves.pop(index).invert_(model)
+
+    @torch.no_grad()
+    def since(self, model: nn.Module, wave: int, importance: Mapping[str, torch.Tensor] | None = None) -> WaveDelta:
+        """One delta from the state before ``wave`` to the model now (built on a copy of
+        the changed parameters; the model is not touched)."""
+        later = [self.waves[w] for w in sorted(self.waves) if w >= wave]
+        names = sorted({name for delta in later for name in delta.params})
+        named = dict(model.named_parameters())
+        now = {name: named[name].detach().clone() for name in names}
+        before = {name: t.clone() for name, t in now.items()}
+        holder = _ParamHolder(before)
+        for delta in reversed(later):
+            delta.invert_(holder)
+        return WaveDelta.between(before, now, importance)
+
+
+class _ParamHolder(nn.Module):
+    """Tensors keyed by parameter name, presented to ``restore_`` like a model."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.tensors = tensors
+
+    def named_parameters(self, *args: object, **kwargs: object) -> Iterator[tuple[str, nn.Parameter]]:  # type: ignore[override]
+        for name, tensor in self.tensors.items():
+            yield name, nn.Parameter(tensor, requires_grad=False)
+
+
+_DELTA_PARTS = ("removed_index", "removed_value", "updated_index", "updated_value")
+
+
+def _bits_of(tensor: torch.Tensor) -> torch.dtype:
+    """An integer type of the tensor's width, to compare values bit for bit."""
+    return {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[tensor.element_size()]

@@ -151,3 +151,36 @@ def test_gradient_pruner_uses_weight_times_gradient(tiny_bundle):
     score = weights[name].abs() * grads[name]
     expected = torch.ones_like(score, dtype=torch.bool).scatter_(1, score.topk(32, dim=1, largest=False).indices, False)
     assert torch.equal(masks[name], expected)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "gradient"])
+def test_a_second_wave_keeps_what_the_first_removed(tiny_bundle, method):
+    first, _ = prune_(tiny_bundle, method, UnstructuredPattern(kind="unstructured", sparsity=0.2), calibration())
+    second, report = prune_(
+        tiny_bundle, method, UnstructuredPattern(kind="unstructured", sparsity=0.45), calibration(), prior=first
+    )
+    params = dict(tiny_bundle.model.named_parameters())
+    for name, mask in second.items():
+        assert not bool((mask & ~first[name]).any()), name  # nothing removed comes back
+        assert bool((params[name][~mask] == 0).all()), name
+    assert report["sparsity"] == pytest.approx(0.45, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_ramp_then_nm_reaches_exact_groups(tiny_bundle, method):
+    from birdbone.core.prune.patterns import NMRamp
+
+    ramp, _ = prune_(tiny_bundle, method, NMRamp(n=2, m=4, sparsity=0.3), calibration())
+    for name, mask in ramp.items():
+        groups = mask.reshape(mask.shape[0], -1, 4).sum(-1)
+        assert bool((groups >= 2).all()), name
+    final, _ = prune_(tiny_bundle, method, TWO_FOUR, calibration(), prior=ramp)
+    for name, mask in final.items():
+        assert bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all()), name
+        assert not bool((mask & ~ramp[name]).any()), name
+
+
+def test_a_target_below_the_sparsity_reached_raises(tiny_bundle):
+    first, _ = prune_(tiny_bundle, "wanda", UnstructuredPattern(kind="unstructured", sparsity=0.5), calibration())
+    with pytest.raises(PruneError, match="did not reach its target"):
+        prune_(tiny_bundle, "wanda", UnstructuredPattern(kind="unstructured", sparsity=0.3), calibration(), prior=first)

@@ -29,17 +29,21 @@ def prune_(
     options: Any = None,
     compute_dtype: torch.dtype | None = None,
     layer_ratios: Any = None,
+    prior: MaskSet | None = None,
 ) -> tuple[MaskSet, dict[str, Any]]:
     """Prunes every decoder-block Linear of ``bundle.model`` in place.
 
     Args:
         method: a registered criterion (``PRUNERS``): magnitude, wanda, sparsegpt, gradient.
-        pattern: ``{kind: unstructured, sparsity}`` or ``{kind: nm, n, m}`` (config object).
+        pattern: ``{kind: unstructured, sparsity}`` or ``{kind: nm, n, m}`` (config object),
+            or a ``patterns.NMRamp`` (a wave on the way to N:M).
         calibration: token blocks ``[n, length]`` for methods that look at activations.
         compute_dtype: autocast type of the calibration forward passes (see the walk).
         layer_ratios: ``None`` for the same target in every block; an ``OWLOptions`` for
             outlier-weighted block sparsities (unstructured only; one extra read-only walk);
             or a list of per-block sparsities.
+        prior: keep-masks of earlier waves; what they removed stays removed and counts
+            towards the target (which must not be below the sparsity already reached).
 
     Returns:
         The keep-masks, and a report (method, pattern, achieved sparsity, seconds).
@@ -74,6 +78,7 @@ def prune_(
             i: pattern.model_copy(update={"sparsity": float(s)}) for i, s in enumerate(layer_ratios)
         }
         report["block_sparsity"] = [float(s) for s in layer_ratios]
+    pruner.prior = prior
     pruner.prepare(bundle, calibration, device)
     calibration_walk(bundle, calibration, pruner, batch_size, device, f"{method} pruning", compute_dtype)  # type: ignore[arg-type]
     report = {

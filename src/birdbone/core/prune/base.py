@@ -45,6 +45,7 @@ class LayerPruner:
         self.options = options
         self.masks = MaskSet()
         self.block_patterns: dict[int, Any] = {}  # per-block targets (OWL); default: ``pattern``
+        self.prior: MaskSet | None = None  # masks of earlier waves: what they removed stays removed
 
     @property
     def needs_calibration(self) -> bool:
@@ -57,10 +58,20 @@ class LayerPruner:
     def scores(self, linear: nn.Linear, stats: InputStats | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def mask_from(self, scores: torch.Tensor, pattern: Any, prior: torch.Tensor | None) -> torch.Tensor:
+        """The keep-mask for ``scores``; weights ``prior`` already removed are removed first."""
+        if prior is not None:
+            scores = scores.masked_fill(~prior.to(scores.device), float("-inf"))
+        mask = keep_mask(scores, pattern, self.group)
+        return mask if prior is None else mask & prior.to(mask.device)
+
     @torch.no_grad()
-    def prune_linear(self, linear: nn.Linear, stats: InputStats | None, name: str, pattern: Any) -> torch.Tensor:
-        """Masks the layer in place under ``pattern`` and returns its keep-mask."""
-        mask = keep_mask(self.scores(linear, stats), pattern, self.group)
+    def prune_linear(
+        self, linear: nn.Linear, stats: InputStats | None, name: str, pattern: Any, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Masks the layer in place under ``pattern`` (keeping ``prior``'s removals) and
+        returns its keep-mask."""
+        mask = self.mask_from(self.scores(linear, stats), pattern, prior)
         linear.weight.mul_(mask.to(linear.weight.dtype))
         return mask
 
@@ -70,6 +81,7 @@ class LayerPruner:
         pattern = self.block_patterns.get(index, self.pattern)
         for name, linear in linears.items():
             full = f"{self.prefix}.{index}.{name}.weight"
-            mask = self.prune_linear(linear, stats.get(name), full, pattern)
+            prior = self.prior[full] if self.prior is not None and full in self.prior else None
+            mask = self.prune_linear(linear, stats.get(name), full, pattern, prior)
             check_mask(full, mask, linear.weight, pattern)
             self.masks[full] = mask

@@ -11,7 +11,6 @@ from torch import nn
 
 from birdbone.core.profile import gradient_magnitude
 from birdbone.core.prune.base import LayerPruner, register
-from birdbone.core.prune.patterns import keep_mask
 
 
 @register("gradient")
@@ -35,8 +34,10 @@ class GradientPruner(LayerPruner):
         self.gradients = gradient_magnitude(bundle, calibration[:blocks], device)
 
     @torch.no_grad()
-    def prune_linear(self, linear: nn.Linear, stats: Any, name: str, pattern: Any) -> torch.Tensor:
+    def prune_linear(
+        self, linear: nn.Linear, stats: Any, name: str, pattern: Any, prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
         grad = self.gradients[name].to(linear.weight.device)
-        mask = keep_mask(linear.weight.detach().abs().float() * grad, pattern, self.group)
+        mask = self.mask_from(linear.weight.detach().abs().float() * grad, pattern, prior)
         linear.weight.mul_(mask.to(linear.weight.dtype))
         return mask

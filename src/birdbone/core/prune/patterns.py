@@ -7,11 +7,23 @@ Patterns are duck-typed configs: ``kind == "unstructured"`` with ``sparsity``, o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from birdbone.errors import PruneError
+
+
+@dataclass(frozen=True)
+class NMRamp:
+    """On the way to N:M: remove ``sparsity`` of each row (at most 1 - N/M) without any
+    group of M losing more than M - N, so that the last wave can reach N:M exactly."""
+
+    n: int
+    m: int
+    sparsity: float
+    kind: str = "nm_ramp"
 
 
 def describe(pattern: Any) -> dict[str, Any]:
@@ -26,7 +38,7 @@ def prune_count(width: int, sparsity: float) -> int:
 
 def check_fits(name: str, shape: tuple[int, ...], pattern: Any) -> None:
     """Raises before any compute if a layer cannot take the pattern."""
-    if pattern.kind == "nm" and shape[1] % pattern.m:
+    if pattern.kind in ("nm", "nm_ramp") and shape[1] % pattern.m:
         raise PruneError(
             f"{name} has {shape[1]} input features, not a multiple of M={pattern.m}, so {pattern.n}:{pattern.m} "
             "cannot tile its rows. Fix: choose an M that divides every layer's input width."
@@ -43,6 +55,8 @@ def keep_mask(scores: torch.Tensor, pattern: Any, group: str = "row") -> torch.T
     """
     rows, cols = scores.shape
     mask = torch.ones_like(scores, dtype=torch.bool)
+    if pattern.kind == "nm_ramp":
+        return mask.scatter_(1, ramp_drop(scores, pattern, prune_count(cols, pattern.sparsity)), False)
     if pattern.kind == "nm":
         grouped = scores.reshape(rows, cols // pattern.m, pattern.m)
         drop = grouped.topk(pattern.m - pattern.n, dim=-1, largest=False).indices
@@ -52,6 +66,17 @@ def keep_mask(scores: torch.Tensor, pattern: Any, group: str = "row") -> torch.T
         return mask.scatter_(1, drop, False)
     drop = scores.reshape(-1).topk(prune_count(scores.numel(), pattern.sparsity), largest=False).indices
     return mask.reshape(-1).scatter_(0, drop, False).reshape(rows, cols)
+
+
+def ramp_drop(scores: torch.Tensor, pattern: Any, count: int) -> torch.Tensor:
+    """Column indices ``[rows, count]`` of the lowest scores of each row, taken only among
+    each group's M - N lowest (the N:M candidates)."""
+    rows, cols = scores.shape
+    grouped = scores.reshape(rows, cols // pattern.m, pattern.m)
+    order = grouped.argsort(dim=-1, stable=True)
+    candidate = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, order[..., : pattern.m - pattern.n], True)
+    limited = torch.where(candidate.reshape(rows, cols), scores, torch.full_like(scores, float("inf")))
+    return limited.topk(count, dim=1, largest=False).indices
 
 
 def check_mask(name: str, mask: torch.Tensor, weight: torch.Tensor, pattern: Any) -> None:
@@ -65,6 +90,10 @@ def check_mask(name: str, mask: torch.Tensor, weight: torch.Tensor, pattern: Any
         if not bool((kept == pattern.n).all()):
             raise PruneError(f"{name}: some {pattern.m}-groups do not keep exactly {pattern.n} weights")
         return
+    if pattern.kind == "nm_ramp":
+        kept = mask.reshape(rows, cols // pattern.m, pattern.m).sum(-1)
+        if not bool((kept >= pattern.n).all()):
+            raise PruneError(f"{name}: some {pattern.m}-groups keep fewer than {pattern.n} weights before the N:M wave")
     removed = int((~mask).sum())
     target = pattern.sparsity * mask.numel()
     if abs(removed - target) > rows:

@@ -1,0 +1,117 @@
+"""The stop-loss gate: after each wave, keep it, count a strike, or undo it.
+
+A wave whose validation perplexity is more than ``step_limit`` above the last accepted
+state's is a strike (so is a KL above ``kl_limit``, when set). ``strikes`` strikes in a row
+undo every wave since the last accepted state: at once (``full``), or a share at a time
+over the next ``rollback_waves`` waves, the most important weights first (``gradual``);
+either way the model ends bit for bit at the accepted state and the decay stops. A kept
+wave that takes perplexity past the end-to-end ``budget`` (relative to dense) is undone
+and stops the decay too. ``GateState`` is plain data (saved as JSON with each wave), so a
+resumed run takes the same decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+DECAY, ROLLBACK, STOPPED = "decay", "rollback", "stopped"
+
+
+@dataclass
+class GateState:
+    dense_ppl: float
+    reference_ppl: float
+    reference_kl: float = 0.0
+    reference_wave: int = 0  # 0: the dense (or imported) model
+    strikes: int = 0
+    pending: list[int] = field(default_factory=list)  # waves since the accepted state
+    phase: str = DECAY
+    rollback_part: int = 0
+    rollback_parts: int = 0
+    stop_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GateState:
+        return cls(**data)
+
+
+@dataclass
+class Verdict:
+    """What the gate decided for one wave, and what the wave runner must do about it."""
+
+    decision: str  # kept | strike | reverted | rolling back | stopped
+    reason: str
+    undo_now: list[int] = field(default_factory=list)  # waves to undo at once (newest first)
+    start_rollback: bool = False  # build the delta since the accepted state, restore it in parts
+
+
+def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any) -> Verdict:
+    """Judges a decay wave and updates ``state`` in place.
+
+    Args:
+        config: a ``GateConfig`` (step_limit, strikes, budget, kl_limit, rollback, rollback_waves).
+    """
+    if state.phase != DECAY:
+        raise RuntimeError(f"wave {wave} judged while the gate is in phase {state.phase}")
+    limit = state.reference_ppl * (1.0 + config.step_limit)
+    rise = ppl / state.reference_ppl - 1.0
+    problems = []
+    if ppl > limit:
+        problems.append(
+            f"perplexity {ppl:.3f} is {rise:+.1%} over the accepted {state.reference_ppl:.3f} "
+            f"(wave {state.reference_wave}), limit {config.step_limit:+.0%}"
+        )
+    if config.kl_limit is not None and kl is not None and kl > config.kl_limit:
+        problems.append(f"KL {kl:.4f} over the limit {config.kl_limit}")
+    if not problems:
+        total = ppl / state.dense_ppl - 1.0
+        if config.budget is not None and total > config.budget:
+            undo = sorted([*state.pending, wave], reverse=True)
+            state.phase, state.stop_reason, state.pending = STOPPED, "budget", []
+            return Verdict(
+                "reverted",
+                f"perplexity {ppl:.3f} is {total:+.1%} over dense, past the budget {config.budget:+.0%}; "
+                f"back to the accepted state of wave {state.reference_wave}, decay stopped",
+                undo_now=undo,
+            )
+        state.reference_ppl, state.reference_kl, state.reference_wave = ppl, kl or 0.0, wave
+        state.strikes, state.pending = 0, []
+        return Verdict("kept", f"perplexity {ppl:.3f} ({rise:+.1%} over the accepted state)")
+    state.strikes += 1
+    state.pending.append(wave)
+    reason = "; ".join(problems)
+    if state.strikes < config.strikes:
+        return Verdict("strike", f"strike {state.strikes} of {config.strikes}: {reason}")
+    undo = sorted(state.pending, reverse=True)
+    what = f"waves {', '.join(map(str, sorted(undo)))}" if len(undo) > 1 else f"wave {wave}"
+    if config.rollback == "full":
+        state.phase, state.stop_reason = STOPPED, "stop-loss"
+        state.pending = []
+        return Verdict(
+            "reverted", f"strike {state.strikes} of {config.strikes}: {reason}; {what} undone", undo_now=undo
+        )
+    state.phase, state.rollback_part, state.rollback_parts = ROLLBACK, 0, config.rollback_waves
+    state.stop_reason = "stop-loss"
+    return Verdict(
+        "rolling back",
+        f"strike {state.strikes} of {config.strikes}: {reason}; {what} to be restored over the next "
+        f"{config.rollback_waves} waves, most important weights first",
+        start_rollback=True,
+    )
+
+
+def rollback_step(state: GateState) -> tuple[int, int, bool]:
+    """The part to restore in this wave: (part, parts, last); advances the state, and
+    ends the rollback (the model is then the accepted state again) after the last part."""
+    if state.phase != ROLLBACK:
+        raise RuntimeError(f"no rollback in progress (phase {state.phase})")
+    part, parts = state.rollback_part, state.rollback_parts
+    state.rollback_part += 1
+    last = state.rollback_part == parts
+    if last:
+        state.phase, state.pending, state.strikes = STOPPED, [], 0
+    return part, parts, last

@@ -1,0 +1,233 @@
+"""Decay waves: prune a capped share, judge the result, keep it or undo it.
+
+One wave is four steps over a ``WaveState``, each a plain function the Kedro wave pipeline
+wraps as a node: ``decay`` (prune to this wave's target, keeping what earlier waves removed,
+and record a ``WaveDelta``; or restore the next share of a gradual rollback), then healing
+and regrowth (their own modules), ``evaluate`` (validation perplexity and KL to the dense
+model's cached top-k logits), and ``gate`` (the stop-loss in ``core.gate``; undoes waves
+from their deltas when it says so). Waves after the schedule ends, or after the gate
+stopped the decay, pass the state through unchanged and say so in the table.
+
+States are chained by id: ``id_k = H(id_{k-1}, recipe, k)``; a wave directory whose id
+matches is a finished wave, which is how a killed run resumes without redoing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from birdbone.core import evaluate
+from birdbone.core.gate import DECAY, ROLLBACK, STOPPED, GateState, judge, rollback_step
+from birdbone.core.io import sha256_json
+from birdbone.core.masks import DeltaHistory, MaskSet, WaveDelta
+from birdbone.core.prune import prune_
+from birdbone.core.prune.owl import block_sparsities, outlier_ratios
+from birdbone.core.prune.patterns import NMRamp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WaveState:
+    """Everything a wave hands to the next (saved whole in ``models/waves/wave_<k>``)."""
+
+    bundle: Any  # ModelBundle
+    masks: MaskSet
+    gate: GateState
+    wave: int = 0
+    state_id: str = ""
+    pending: DeltaHistory = field(default_factory=DeltaHistory)  # deltas since the accepted state
+    rollback: WaveDelta | None = None  # the delta a gradual rollback is restoring
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the wave table so far
+    owl_final: list[float] | None = None  # OWL block sparsities at the final target
+    current: dict[str, Any] = field(default_factory=dict)  # this wave's row, being filled in
+
+    def linears(self) -> dict[str, torch.Tensor]:
+        """Every decoder-block Linear weight by parameter name."""
+        return _linears(self.bundle)
+
+
+def chain_id(parent: str, recipe_hash: str, wave: int) -> str:
+    return sha256_json({"parent": parent, "recipe": recipe_hash, "wave": wave})[:16]
+
+
+def start(bundle: Any, dense: dict[str, float], origin_id: str) -> WaveState:
+    """The state before the first wave: the dense model, no masks removed, the gate's
+    reference at the dense perplexity. ``origin_id`` names the model and text it came from."""
+    masks = MaskSet({name: torch.ones_like(w, dtype=torch.bool) for name, w in _linears(bundle).items()})
+    gate = GateState(dense_ppl=dense["ppl"], reference_ppl=dense["ppl"])
+    row = _row(0, "start", "dense model", 0.0, masks, dense["ppl"], 0.0, bundle)
+    return WaveState(bundle, masks, gate, 0, origin_id, rows=[row])
+
+
+def _linears(bundle: Any) -> dict[str, torch.Tensor]:
+    return {f"{n}.weight": m.weight for n, m in bundle.adapter.linears(bundle.model).items()}
+
+
+def _row(
+    wave: int, decision: str, reason: str, target: float, masks: MaskSet, ppl: float, kl: float, bundle: Any
+) -> dict[str, Any]:
+    return {
+        "wave": wave,
+        "target_sparsity": round(target, 6),
+        "sparsity": masks.overall_sparsity(),
+        "ppl": ppl,
+        "kl": kl,
+        "params": evaluate.parameter_count(bundle.model),
+        "nonzero_linear_weights": sum(masks.kept(n) for n in masks),
+        "decision": decision,
+        "reason": reason,
+    }
+
+
+def wave_pattern(config: Any, wave: int, targets: list[float]) -> Any:
+    """The pattern wave ``wave`` prunes to: the target so far; for an N:M target, an N:M
+    ramp until the last wave, which reaches N:M exactly."""
+    target = targets[wave - 1]
+    if config.pattern.kind == "nm":
+        if wave == len(targets):
+            return config.pattern
+        return NMRamp(n=config.pattern.n, m=config.pattern.m, sparsity=target)
+    return config.pattern.model_copy(update={"sparsity": target})
+
+
+def decay(
+    state: WaveState,
+    wave: int,
+    config: Any,
+    calibration: torch.Tensor,
+    importance: dict[str, torch.Tensor] | None,
+    device: torch.device | str = "cpu",
+) -> WaveState:
+    """Wave ``wave``'s pruning (or its share of a rollback, or nothing), in place.
+
+    Args:
+        config: the ``DecayConfig``.
+        importance: per-Linear input-column norms from the profile (``<name>.weight`` ->
+            vector), ordering removed weights for a gradual rollback; None: by |W|.
+    """
+    targets = config.wave_targets()
+    state.wave = wave
+    start_time = time.perf_counter()
+    state.current = {"wave": wave, "target_sparsity": targets[wave - 1] if wave <= len(targets) else None}
+    if state.gate.phase == ROLLBACK:
+        assert state.rollback is not None
+        part, parts, last = rollback_step(state.gate)
+        state.masks.keep_(state.rollback.part_index(part, parts))
+        restored = state.rollback.restore_(state.bundle.model, part, parts)
+        state.current.update(action="rollback", part=part + 1, parts=parts, restored=restored, last=last)
+        if last:
+            state.rollback = None
+        log.info("wave %d: restored part %d of %d (%d weights)", wave, part + 1, parts, restored)
+    elif state.gate.phase == STOPPED or wave > len(targets):
+        why = f"decay stopped ({state.gate.stop_reason})" if state.gate.phase == STOPPED else "schedule complete"
+        state.current.update(action="skip", reason=why)
+    else:
+        before = {name: w.detach().clone() for name, w in state.linears().items()}
+        masks, report = prune_(
+            state.bundle,
+            config.method,
+            wave_pattern(config, wave, targets),
+            calibration,
+            config.batch_size,
+            device,
+            {"sparsegpt": config.sparsegpt, "gradient": config.gradient}.get(config.method),
+            getattr(torch, config.compute_dtype) if config.compute_dtype != "float32" else None,
+            layer_ratios=_layer_ratios(config, state, targets[wave - 1], calibration, device),
+            prior=state.masks,
+        )
+        delta = WaveDelta.between(before, {n: w.detach() for n, w in state.linears().items()}, importance)
+        del before
+        state.pending.record(wave, delta)
+        state.masks = masks
+        state.current.update(action="decay", removed=delta.removed(), prune_report=_brief(report))
+        log.info(
+            "wave %d: %s to %.4f sparsity (%d weights removed)",
+            wave,
+            config.method,
+            masks.overall_sparsity(),
+            delta.removed(),
+        )
+    state.current["seconds_decay"] = time.perf_counter() - start_time
+    return state
+
+
+def _layer_ratios(
+    config: Any, state: WaveState, target: float, calibration: torch.Tensor, device: Any
+) -> list[float] | None:
+    """OWL block sparsities at the final target, computed once on the dense model (wave 1)
+    and scaled to each wave's target, so every block only ever gains sparsity."""
+    if config.layer_ratios != "owl":
+        return None
+    if state.owl_final is None:
+        dtype = getattr(torch, config.compute_dtype) if config.compute_dtype != "float32" else None
+        ratios = outlier_ratios(state.bundle, calibration, config.owl.threshold, config.batch_size, device, dtype)
+        state.owl_final = block_sparsities(ratios, config.target, config.owl.spread)
+    return [s * target / config.target for s in state.owl_final]
+
+
+def _brief(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k in ("method", "pattern", "sparsity", "seconds", "block_sparsity")}
+
+
+def evaluate_state(
+    state: WaveState, validation: torch.Tensor, teacher: dict[str, torch.Tensor], batch_size: int, device: Any
+) -> WaveState:
+    """Validation perplexity and KL to the dense model, unless this wave changed nothing."""
+    if state.current.get("action") == "skip":
+        last = state.rows[-1]
+        state.current.update(ppl=last["ppl"], kl=last["kl"], seconds_evaluate=0.0)
+        return state
+    start_time = time.perf_counter()
+    measured = evaluate.quality(state.bundle.model, validation, teacher, batch_size, device, desc=f"wave {state.wave}")
+    state.current.update(ppl=measured["ppl"], kl=measured["kl"], seconds_evaluate=time.perf_counter() - start_time)
+    return state
+
+
+def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
+    """Applies the stop-loss to this wave's numbers; undoes waves when it says so; appends
+    the wave's row (with the decision and its reason) and chains the state id."""
+    current, wave = state.current, state.wave
+    ppl, kl = current["ppl"], current["kl"]
+    action = current["action"]
+    if action == "skip":
+        decision, reason = "skipped", current["reason"]
+    elif action == "rollback":
+        share = f"part {current['part']} of {current['parts']} restored ({current['restored']} weights)"
+        if current["last"]:
+            decision, reason = "reverted", f"{share}; back at the accepted state of wave {state.gate.reference_wave}"
+        else:
+            decision, reason = "rolling back", share
+    else:
+        verdict = judge(state.gate, wave, ppl, kl, config.gate)
+        decision, reason = verdict.decision, verdict.reason
+        if verdict.undo_now:
+            for delta_wave in sorted(verdict.undo_now, reverse=True):
+                delta = state.pending.waves[delta_wave]
+                state.masks.keep_(delta.part_index(0, 1))
+            state.pending.undo_(state.bundle.model, min(verdict.undo_now))
+        elif verdict.start_rollback:
+            first = min(state.gate.pending)
+            state.rollback = state.pending.since(state.bundle.model, first)
+            state.pending = DeltaHistory()
+        elif decision == "kept":
+            state.pending = DeltaHistory()  # accepted: nothing left to undo
+    row = _row(wave, decision, reason, current["target_sparsity"] or 0.0, state.masks, ppl, kl, state.bundle)
+    row.update(
+        seconds={k.removeprefix("seconds_"): round(v, 2) for k, v in current.items() if k.startswith("seconds_")},
+        phase=state.gate.phase,
+    )
+    if decision == "reverted" and action == "decay":
+        row["state_ppl"] = state.gate.reference_ppl  # the model is back at the accepted state
+    state.rows.append(row)
+    state.state_id = chain_id(state.state_id, recipe_hash, wave)
+    log.info("wave %d: %s (%s)", wave, decision, reason)
+    return state
+
+
+__all__ = ["DECAY", "WaveState", "chain_id", "decay", "evaluate_state", "gate", "start", "wave_pattern"]

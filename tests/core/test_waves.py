@@ -1,0 +1,113 @@
+"""Decay waves on the tiny model: the stop-loss, full and gradual rollback, the cap."""
+
+import pytest
+import torch
+
+from birdbone.config import DecayConfig
+from birdbone.core import evaluate, waves
+from birdbone.core.masks import MaskSet
+from tests.conftest import blocks_of
+
+
+def _config(**gate):
+    return DecayConfig(
+        method="wanda",
+        pattern={"kind": "unstructured", "sparsity": 0.5},
+        cap=0.2,
+        gate={"step_limit": 0.03, "strikes": 2, "budget": None, **gate},
+    )
+
+
+def _snapshot(state):
+    return {n: w.detach().clone() for n, w in state.linears().items()}, MaskSet({n: m for n, m in state.masks.items()})
+
+
+def _same(state, snapshot):
+    weights, masks = snapshot
+    now = state.linears()
+    return all(torch.equal(now[n], w) for n, w in weights.items()) and state.masks.equals(masks)
+
+
+def _run(state, config, wave, ppl):
+    """One wave with a scripted perplexity (a synthetic good or bad wave)."""
+    waves.decay(state, wave, config, blocks_of(4, 512, length=32, seed=wave), None)
+    state.current.update(ppl=ppl, kl=0.0)
+    return waves.gate(state, config, "recipe")
+
+
+def test_two_bad_waves_in_a_row_are_undone_bit_for_bit(tiny_bundle):
+    config = _config(rollback="full")
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    _run(state, config, 1, 10.1)
+    accepted = _snapshot(state)
+    _run(state, config, 2, 12.0)
+    assert state.rows[-1]["decision"] == "strike"
+    _run(state, config, 3, 13.0)
+    assert state.rows[-1]["decision"] == "reverted" and "waves 2, 3 undone" in state.rows[-1]["reason"]
+    assert _same(state, accepted)
+    _run(state, config, 4, 99.0)
+    assert state.rows[-1]["decision"] == "skipped" and "stop-loss" in state.rows[-1]["reason"]
+    assert _same(state, accepted)
+
+
+def test_one_bad_wave_then_a_good_one_is_kept(tiny_bundle):
+    config = _config()
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    _run(state, config, 1, 10.5)  # +5 %: strike 1
+    _run(state, config, 2, 10.2)  # +2 % over the accepted dense state: kept, strikes reset
+    assert [r["decision"] for r in state.rows[1:]] == ["strike", "kept"]
+    assert state.gate.strikes == 0 and state.gate.reference_wave == 2
+
+
+def test_gradual_rollback_restores_a_third_per_wave_most_important_first(tiny_bundle):
+    config = _config(rollback="gradual", rollback_waves=3)
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    _run(state, config, 1, 10.0)
+    accepted = _snapshot(state)
+    _run(state, config, 2, 11.0)
+    _run(state, config, 3, 12.0)
+    assert state.rows[-1]["decision"] == "rolling back"
+    to_restore = state.rollback.removed()
+    zeros = [sum(int((w == 0).sum()) for w in state.linears().values())]
+    for wave in (4, 5, 6):
+        _run(state, config, wave, 50.0)  # the rollback ignores the scripted perplexity
+        zeros.append(sum(int((w == 0).sum()) for w in state.linears().values()))
+    restored = [a - b for a, b in zip(zeros, zeros[1:], strict=False)]
+    assert sum(restored) == to_restore
+    assert max(restored) - min(restored) <= len(state.masks)  # a third per parameter, rounded down
+    assert all(abs(r - to_restore / 3) <= len(state.masks) for r in restored)
+    assert [r["decision"] for r in state.rows[4:]] == ["rolling back", "rolling back", "reverted"]
+    assert _same(state, accepted)
+
+
+def test_the_budget_stops_the_decay_and_undoes_the_wave(tiny_bundle):
+    config = _config(budget=0.1)
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    for wave, ppl in [(1, 10.2), (2, 10.5), (3, 10.8)]:
+        _run(state, config, wave, ppl)
+    accepted = _snapshot(state)
+    _run(state, config, 4, 11.1)  # +2.8 % over wave 3, but +11 % over dense
+    assert state.rows[-1]["decision"] == "reverted" and "budget" in state.rows[-1]["reason"]
+    assert _same(state, accepted)
+
+
+def test_waves_never_pass_the_cap_and_reach_the_target(tiny_bundle):
+    config = _config(budget=None, step_limit=1000.0)
+    validation = blocks_of(4, 512, length=32, seed=9)
+    teacher = evaluate.teacher_topk(tiny_bundle.model, validation, k=8)
+    state = waves.start(tiny_bundle, evaluate.quality(tiny_bundle.model, validation, teacher), "origin")
+    targets = config.wave_targets()
+    for wave in range(1, len(targets) + 1):
+        waves.decay(state, wave, config, blocks_of(4, 512, length=32, seed=wave), None)
+        waves.evaluate_state(state, validation, teacher, 4, "cpu")
+        waves.gate(state, config, "recipe")
+    rows = state.rows
+    assert rows[0]["kl"] == 0.0 and all(r["kl"] > 0 for r in rows[1:])
+    rows_per_layer = sum(state.masks.shape(n)[0] for n in state.masks)
+    total = sum(state.masks.numel(n) for n in state.masks)
+    for before, after in zip(rows, rows[1:], strict=False):
+        removed = (after["sparsity"] - before["sparsity"]) * total
+        present = (1 - before["sparsity"]) * total
+        assert removed <= config.cap * present + rows_per_layer, after["wave"]  # within a weight per row
+    assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert [r["decision"] for r in rows[1:]] == ["kept"] * len(targets)
