@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +15,16 @@ import torch
 from kedro.io import AbstractDataset, DatasetError
 from safetensors.torch import load_file, save_file
 
-from birdbone.core import modeling
-from birdbone.core.io import atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from birdbone.core import modeling, waves
+from birdbone.core.io import TMP_PREFIX, atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 
 SIDECAR = "birdbone.json"
+
+
+def write_sidecar(directory: Path, origin: dict[str, Any]) -> None:
+    """``birdbone.json``: how the model was made, and the SHA-256 of each weight file."""
+    hashes = {p.name: sha256_file(p) for p in sorted(directory.glob("model*.safetensors"))}
+    write_json_atomic(directory / SIDECAR, {"origin": origin, "sha256": hashes})
 
 
 class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
@@ -43,8 +51,7 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
     def save(self, data: modeling.ModelBundle) -> None:
         with atomic_dir(self._path) as tmp:
             modeling.save_model(data, tmp)
-            hashes = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
-            write_json_atomic(tmp / SIDECAR, {"origin": data.origin, "sha256": hashes})
+            write_sidecar(tmp, data.origin)
         data.path = self._path
 
     def _exists(self) -> bool:
@@ -130,3 +137,65 @@ class FigureDataset(AbstractDataset[Any, bytes]):
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
+
+
+@dataclass
+class WaveHandle:
+    """A finished wave directory, read lazily: its id and table at once, the model when
+    ``state()`` is called (a resumed run never loads the waves it skips)."""
+
+    path: Path
+    info: dict[str, Any]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def state_id(self) -> str:
+        return self.info["state_id"]
+
+    def state(self) -> waves.WaveState:
+        return waves.load_state(self.path, self.dtype)
+
+
+class WaveDataset(AbstractDataset[Any, WaveHandle | None]):
+    """One wave's directory ``models/waves/wave_<k>``: the model (loadable as a model
+    directory), its masks, the deltas still undoable, and ``wave.json`` (id, gate, table),
+    written whole and atomically. Saving a ``WaveHandle`` of the same id (a wave a resumed
+    run skipped) leaves the directory as it is.
+
+    ``optional: true`` loads as None when the wave has not finished (the resume check)."""
+
+    def __init__(
+        self, path: str, dtype: str = "float32", optional: bool = False, metadata: dict[str, Any] | None = None
+    ):
+        self._path = Path(path)
+        self._dtype = modeling.DTYPES[dtype]
+        self._optional = optional
+        self.metadata = metadata
+
+    def load(self) -> WaveHandle | None:
+        info = waves.read_state_info(self._path)
+        if info is None:
+            if self._optional:
+                return None
+            raise DatasetError(f"{self._path} is not a finished wave (no {waves.STATE_FILE}); run the wave first.")
+        return WaveHandle(self._path, info, self._dtype)
+
+    def save(self, data: Any) -> None:
+        if isinstance(data, WaveHandle):
+            info = waves.read_state_info(self._path)
+            if info is None or info["state_id"] != data.state_id:
+                raise DatasetError(f"{self._path} does not hold wave state {data.state_id} to keep")
+            return
+        unchanged_since = data.current.get("unchanged_since")
+        for stale in self._path.parent.glob(f"{TMP_PREFIX}{self._path.name}.*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_dir(self._path) as tmp:
+            waves.save_state(data, tmp, unchanged_since)
+            if unchanged_since is None:
+                write_sidecar(tmp, {**data.bundle.origin, "wave": data.wave, "state_id": data.state_id})
+
+    def _exists(self) -> bool:
+        return waves.read_state_info(self._path) is not None
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path), "optional": self._optional}

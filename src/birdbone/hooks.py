@@ -19,6 +19,15 @@ log = logging.getLogger(__name__)
 
 REPORTS = "data/08_reporting"
 
+# The config loader of the context being created: ``register_pipelines`` reads the decay
+# settings through it (env and --params included) to know how many waves to register.
+_ACTIVE: dict[str, Any] = {}
+
+
+def active_config_loader() -> Any:
+    """The config loader of the current Kedro context, once one exists; else None."""
+    return _ACTIVE.get("config_loader")
+
 
 def _conf_dirs(context: Any) -> list[Path]:
     loader = context.config_loader
@@ -34,6 +43,7 @@ class RecipeHook:
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
+        _ACTIVE["config_loader"] = context.config_loader  # before anything loads the pipelines
         root = Path(context.project_path).resolve()
         if Path.cwd().resolve() != root:
             raise ConfigError(
@@ -126,14 +136,21 @@ class TrackingHook:
 
     @hook_impl
     def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
+        """Logs every output named ``*_metrics``: its numbers as metrics (at ``step`` when
+        it has one: a wave's index), its ``tags`` as run tags."""
         for name, value in outputs.items():
             if name.endswith("_metrics") and isinstance(value, dict):
+                value = dict(value)
+                step, tags = value.pop("step", None), value.pop("tags", None) or {}
                 numbers = {
                     k: float(v)
                     for k, v in flatten("", value).items()
                     if isinstance(v, int | float) and not isinstance(v, bool)
                 }
-                self._call(f"log {name}", self._mlflow.log_metrics if self._mlflow else None, numbers)
+                log_metrics = self._mlflow.log_metrics if self._mlflow else None
+                self._call(f"log {name}", log_metrics, numbers, step=step)
+                if tags:
+                    self._call(f"tag {name}", self._mlflow.set_tags if self._mlflow else None, tags)
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:

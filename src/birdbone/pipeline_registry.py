@@ -1,12 +1,62 @@
 """Project pipelines."""
 
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
 from kedro.pipeline import Pipeline
 
-from birdbone.pipelines import baseline, profile
+from birdbone.pipelines import baseline, decay, profile
+
+log = logging.getLogger(__name__)
+
+
+def _parameters() -> dict[str, Any]:
+    """The run's parameters (env and --params included) from the context being created, or,
+    outside a run (``kedro registry``), from conf/ with ``KEDRO_ENV``."""
+    from birdbone.hooks import active_config_loader
+
+    loader = active_config_loader()
+    if loader is None:
+        from kedro.config import OmegaConfigLoader
+
+        loader = OmegaConfigLoader(
+            str(Path.cwd() / "conf"), base_env="base", default_run_env=os.environ.get("KEDRO_ENV", "local")
+        )
+    try:
+        return dict(loader["parameters"])
+    except Exception as exc:  # noqa: BLE001  (the recipe check reports config errors properly)
+        log.debug("no parameters to size the decay pipeline: %s", exc)
+        return {}
+
+
+def decay_waves() -> int:
+    """How many wave namespaces the recipe needs: the schedule's waves under the per-wave
+    cap, plus room for a gradual rollback (0 without a valid ``decay`` section)."""
+    from pydantic import ValidationError
+
+    from birdbone.config import DecayConfig
+
+    section = _parameters().get("decay")
+    if not section:
+        return 0
+    try:
+        return DecayConfig.model_validate(section).wave_count()
+    except (ValidationError, ValueError, TypeError):
+        return 0  # the recipe check names the problem before anything runs
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     """``kedro run`` runs ``__default__``; ``kedro run --pipeline NAME`` one stage."""
-    pipelines = {"baseline": baseline.create_pipeline(), "profile": profile.create_pipeline()}
+    with warnings.catch_warnings():
+        # Kedro warns about dotted dataset names; ours are exactly its namespaced names
+        # (``wave_<k>.state``), referred to across namespaces on purpose.
+        warnings.filterwarnings("ignore", message=r"One or more dataset names contain '\.'", category=UserWarning)
+        waves = decay.create_pipeline(decay_waves())
+    pipelines = {"baseline": baseline.create_pipeline(), "profile": profile.create_pipeline(), "decay": waves}
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

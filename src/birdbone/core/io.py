@@ -21,7 +21,8 @@ from typing import Any
 TMP_PREFIX = ".tmp-"
 
 
-def _umask() -> int:
+def default_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -49,7 +50,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get normal modes
+        os.chmod(tmp, 0o666 & ~default_umask())  # mkstemp makes 0600; artifacts get normal modes
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -71,7 +72,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     old: Path | None = None
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~default_umask())
         if target.exists():
             old = target.with_name(f"{TMP_PREFIX}{target.name}.old-{os.getpid()}")
             os.replace(target, old)

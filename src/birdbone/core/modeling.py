@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from birdbone.core import structure
+from birdbone.core.io import default_umask
 from birdbone.errors import ModelSourceError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
@@ -399,6 +400,9 @@ def save_model(bundle: ModelBundle, directory: str | os.PathLike[str]) -> None:
     atomic with ``core.io.atomic_dir``)."""
     bundle.model.save_pretrained(directory)
     bundle.tokenizer.save_pretrained(directory)
+    for path in Path(directory).iterdir():  # transformers may write weights through a 0600 temp file
+        if path.is_file():
+            os.chmod(path, 0o666 & ~default_umask())
 
 
 def check_vocabulary(bundle: ModelBundle, max_token_id: int) -> None:

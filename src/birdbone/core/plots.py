@@ -97,3 +97,46 @@ def profile_figure(summary: dict[str, Any]) -> Figure:
     fig.colorbar(image, ax=axes[2])
     fig.tight_layout()
     return fig
+
+
+_DECISION_STYLE = {
+    "start": ("black", "o"),
+    "kept": ("tab:green", "o"),
+    "strike": ("tab:orange", "X"),
+    "rolling back": ("tab:purple", "v"),
+    "reverted": ("tab:red", "s"),
+    "skipped": ("lightgray", "."),
+}
+
+
+def decay_figure(rows: list[dict[str, Any]], dense_ppl: float) -> Figure:
+    """The decay curve: perplexity and KL to the dense model against sparsity, one point
+    per wave (numbered), coloured by the gate's decision, in wave order."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    shown = [r for r in rows if r["decision"] != "skipped"]
+    for ax, key, label in ((axes[0], "ppl", "validation perplexity"), (axes[1], "kl", "KL to dense (nats/token)")):
+        ax.plot([100 * r["sparsity"] for r in shown], [r[key] for r in shown], color="gray", alpha=0.5, zorder=1)
+        seen = set()
+        for r in shown:
+            color, marker = _DECISION_STYLE.get(r["decision"], ("black", "o"))
+            ax.scatter(
+                100 * r["sparsity"],
+                r[key],
+                color=color,
+                marker=marker,
+                s=60,
+                zorder=2,
+                label=None if r["decision"] in seen else r["decision"],
+            )
+            seen.add(r["decision"])
+            ax.annotate(
+                str(r["wave"]), (100 * r["sparsity"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
+        ax.set(xlabel="sparsity of the block Linears (%)", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(dense_ppl, color="black", linestyle="--", linewidth=0.8, label=f"dense {dense_ppl:.2f}")
+    axes[0].set_title("Decay waves: perplexity (numbers: wave)")
+    axes[1].set_title("Decay waves: KL divergence from the dense model")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

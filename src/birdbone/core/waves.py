@@ -14,16 +14,20 @@ matches is a finished wave, which is how a killed run resumes without redoing it
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from birdbone.core import evaluate
 from birdbone.core.gate import DECAY, ROLLBACK, STOPPED, GateState, judge, rollback_step
-from birdbone.core.io import sha256_json
+from birdbone.core.io import sha256_json, write_json_atomic
 from birdbone.core.masks import DeltaHistory, MaskSet, WaveDelta
 from birdbone.core.prune import prune_
 from birdbone.core.prune.owl import block_sparsities, outlier_ratios
@@ -70,11 +74,11 @@ def _linears(bundle: Any) -> dict[str, torch.Tensor]:
 
 
 def _row(
-    wave: int, decision: str, reason: str, target: float, masks: MaskSet, ppl: float, kl: float, bundle: Any
+    wave: int, decision: str, reason: str, target: float | None, masks: MaskSet, ppl: float, kl: float, bundle: Any
 ) -> dict[str, Any]:
     return {
         "wave": wave,
-        "target_sparsity": round(target, 6),
+        "target_sparsity": None if target is None else round(target, 6),
         "sparsity": masks.overall_sparsity(),
         "ppl": ppl,
         "kl": kl,
@@ -217,7 +221,8 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
             state.pending = DeltaHistory()
         elif decision == "kept":
             state.pending = DeltaHistory()  # accepted: nothing left to undo
-    row = _row(wave, decision, reason, current["target_sparsity"] or 0.0, state.masks, ppl, kl, state.bundle)
+    target = current["target_sparsity"] if action == "decay" else None
+    row = _row(wave, decision, reason, target, state.masks, ppl, kl, state.bundle)
     row.update(
         seconds={k.removeprefix("seconds_"): round(v, 2) for k, v in current.items() if k.startswith("seconds_")},
         phase=state.gate.phase,
@@ -230,4 +235,85 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
     return state
 
 
-__all__ = ["DECAY", "WaveState", "chain_id", "decay", "evaluate_state", "gate", "start", "wave_pattern"]
+# --------------------------------------------------------------------------- on disk
+
+STATE_FILE = "wave.json"
+
+
+def save_state(state: WaveState, directory: Path, unchanged_since: Path | None = None) -> None:
+    """Writes the state into ``directory`` (a fresh one; callers make it atomic): the model
+    as a loadable model directory, the masks, the pending deltas and ``wave.json``. With
+    ``unchanged_since`` (the directory of an earlier wave this one left as it was) the files
+    are hard links to that wave's, which costs no space."""
+    from birdbone.core import modeling
+
+    if unchanged_since is not None:
+        for item in Path(unchanged_since).iterdir():
+            if item.is_file() and item.name != STATE_FILE:
+                try:
+                    os.link(item, directory / item.name)
+                except OSError:  # another file system: copy
+                    shutil.copy2(item, directory / item.name)
+    else:
+        modeling.save_model(state.bundle, directory)
+        state.masks.save(directory / "masks.safetensors")
+        for wave, delta in state.pending.waves.items():
+            delta.save(directory / f"delta_wave_{wave}.safetensors")
+        if state.rollback is not None:
+            state.rollback.save(directory / "rollback.safetensors")
+    write_json_atomic(
+        directory / STATE_FILE,
+        {
+            "state_id": state.state_id,
+            "wave": state.wave,
+            "gate": state.gate.to_json(),
+            "pending": sorted(state.pending.waves),
+            "rollback": state.rollback is not None,
+            "owl_final": state.owl_final,
+            "rows": state.rows,
+        },
+    )
+
+
+def read_state_info(directory: Path) -> dict[str, Any] | None:
+    """``wave.json`` of a finished wave directory, or None if there is none."""
+    path = Path(directory) / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_state(directory: Path, dtype: torch.dtype = torch.float32) -> WaveState:
+    from birdbone.core import modeling
+
+    directory = Path(directory)
+    info = read_state_info(directory)
+    if info is None:
+        raise FileNotFoundError(f"{directory} holds no finished wave ({STATE_FILE} missing)")
+    bundle = modeling.load_model_dir(directory, dtype)
+    pending = DeltaHistory({w: WaveDelta.load(directory / f"delta_wave_{w}.safetensors") for w in info["pending"]})
+    rollback = WaveDelta.load(directory / "rollback.safetensors") if info["rollback"] else None
+    return WaveState(
+        bundle,
+        MaskSet.load(directory / "masks.safetensors"),
+        GateState.from_json(info["gate"]),
+        info["wave"],
+        info["state_id"],
+        pending,
+        rollback,
+        info["rows"],
+        info["owl_final"],
+    )
+
+
+__all__ = [
+    "DECAY",
+    "WaveState",
+    "chain_id",
+    "decay",
+    "evaluate_state",
+    "gate",
+    "load_state",
+    "read_state_info",
+    "save_state",
+    "start",
+    "wave_pattern",
+]

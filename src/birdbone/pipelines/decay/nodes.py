@@ -1,0 +1,210 @@
+"""Decay nodes: thin adapters from Kedro datasets and parameters to ``birdbone.core.waves``.
+
+Each wave reads the previous wave's directory (``wave_<k-1>.state``) and its own
+(``wave_<k>.resume``); when its own holds the state this run would produce (same chained
+id), the wave is finished and every node passes the handle through without loading a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from birdbone.config import DecayConfig, RunConfig, validate_recipe
+from birdbone.core import evaluate, modeling, plots, waves
+from birdbone.core.io import sha256_json
+from birdbone.datasets import SIDECAR, WaveHandle
+
+log = logging.getLogger(__name__)
+
+DECISION_CODES = {"start": 0, "kept": 0, "strike": 1, "rolling back": 2, "reverted": 3, "skipped": 4}
+
+
+def _decay_hash(decay: dict[str, Any]) -> str:
+    return sha256_json(DecayConfig.model_validate(decay).model_dump(mode="json"))
+
+
+def _device(run: dict[str, Any]) -> torch.device:
+    return modeling.prepare_runtime(RunConfig.model_validate(run))
+
+
+def cache_teacher(
+    bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], decay: dict[str, Any], run: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The dense model's top-k next-token log-probabilities on the validation split, once."""
+    config = DecayConfig.model_validate(decay)
+    device = _device(run)
+    return evaluate.teacher_topk(
+        bundle.model.to(device), blocks["validation"], config.gate.kl_top_k, config.batch_size, device
+    )
+
+
+def start_decay(
+    bundle: modeling.ModelBundle,
+    quality: dict[str, Any],
+    blocks: dict[str, torch.Tensor],
+    resume: WaveHandle | None,
+    decay: dict[str, Any],
+) -> waves.WaveState | WaveHandle:
+    """Wave 0: the dense model, with the gate's reference at its validation perplexity."""
+    sidecar = json.loads((Path(bundle.path) / SIDECAR).read_text()) if bundle.path else {}
+    origin = sha256_json(
+        {
+            "model": sidecar.get("sha256"),
+            "blocks": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in sorted(blocks.items())},
+            "decay": _decay_hash(decay),
+        }
+    )[:16]
+    if resume is not None and resume.state_id == origin:
+        return resume
+    return waves.start(bundle, {"ppl": quality["validation"]["ppl"], "kl": 0.0}, origin)
+
+
+def decay_wave(
+    previous: WaveHandle,
+    resume: WaveHandle | None,
+    blocks: dict[str, torch.Tensor],
+    profile: dict[str, torch.Tensor],
+    decay: dict[str, Any],
+    run: dict[str, Any],
+) -> waves.WaveState | WaveHandle:
+    """Prunes this wave's share (or restores a share of a rollback, or skips)."""
+    wave = previous.info["wave"] + 1
+    expected = waves.chain_id(previous.state_id, _decay_hash(decay), wave)
+    if resume is not None and resume.state_id == expected:
+        return resume
+    config = DecayConfig.model_validate(decay)
+    calibration = blocks["calibration"][: config.calibration_blocks]
+    importance = {k.removesuffix(".input_norm") + ".weight": v for k, v in profile.items() if k.endswith(".input_norm")}
+    device = _device(run)
+    state = previous.state()
+    state.bundle.model.to(device)
+    state = waves.decay(state, wave, config, calibration, importance or None, device)
+    if state.current["action"] == "skip":
+        state.current["unchanged_since"] = previous.path  # the wave directory links the previous one's files
+    return state
+
+
+def heal_wave(state: waves.WaveState | WaveHandle) -> waves.WaveState | WaveHandle:
+    """Healing (LoRA that keeps the masks) plugs in here; until it lands, the state passes."""
+    return state
+
+
+def regrow_wave(state: waves.WaveState | WaveHandle) -> waves.WaveState | WaveHandle:
+    """Regrowth (RigL at constant density) plugs in here; until it lands, the state passes."""
+    return state
+
+
+def evaluate_wave(
+    state: waves.WaveState | WaveHandle,
+    blocks: dict[str, torch.Tensor],
+    teacher: dict[str, torch.Tensor],
+    decay: dict[str, Any],
+    run: dict[str, Any],
+) -> waves.WaveState | WaveHandle:
+    """Validation perplexity and KL to the dense model."""
+    if isinstance(state, WaveHandle):
+        return state
+    batch = DecayConfig.model_validate(decay).batch_size
+    return waves.evaluate_state(state, blocks["validation"], teacher, batch, _device(run))
+
+
+def gate_wave(
+    state: waves.WaveState | WaveHandle, decay: dict[str, Any]
+) -> tuple[waves.WaveState | WaveHandle, dict[str, Any]]:
+    """The stop-loss decision, and the wave's numbers for MLflow (one step per wave)."""
+    if isinstance(state, WaveHandle):
+        row = state.info["rows"][-1]
+    else:
+        state = waves.gate(state, DecayConfig.model_validate(decay), _decay_hash(decay))
+        row = state.rows[-1]
+    return state, wave_metrics(row)
+
+
+def wave_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """One wave's row as MLflow metrics at step ``wave``; the decision also as a tag."""
+    return {
+        "step": row["wave"],
+        "wave.target_sparsity": row["target_sparsity"],
+        "wave.sparsity": row["sparsity"],
+        "wave.ppl": row["ppl"],
+        "wave.kl": row["kl"],
+        "wave.params": row["params"],
+        "wave.decision_code": DECISION_CODES[row["decision"]],
+        "wave.seconds": sum(row.get("seconds", {}).values()),
+        "tags": {f"wave.{row['wave']}.decision": f"{row['decision']}: {row['reason']}"[:4000]},
+    }
+
+
+def report_decay(
+    last: WaveHandle,
+    blocks: dict[str, torch.Tensor],
+    parameters: dict[str, Any],
+    run: dict[str, Any],
+) -> tuple[dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
+    """The wave table, the decay curve, ``summary.json``'s ``waves`` and ``final``, and
+    the final numbers for tracking. The final model is the last wave's directory."""
+    recipe = validate_recipe(parameters, Path.cwd())
+    assert recipe.decay is not None
+    state = last.state()
+    device = _device(run)
+    model = state.bundle.model.to(device)
+    test = evaluate.perplexity(model, blocks["test"], recipe.decay.batch_size, device, "final test")
+    weights = sum(p.stat().st_size for p in last.path.glob("model*.safetensors"))
+    final = {
+        "path": os.path.relpath(last.path, Path.cwd()),
+        "ppl_test": test["ppl"],
+        "ppl_val": state.rows[-1].get("state_ppl", state.rows[-1]["ppl"]),
+        "sparsity": state.masks.overall_sparsity(),
+        "params": evaluate.parameter_count(state.bundle.model),
+        "nonzero_params": evaluate.parameter_count(state.bundle.model)
+        - sum(state.masks.numel(n) - state.masks.kept(n) for n in state.masks),
+        "bytes": weights,
+        "stop_reason": state.gate.stop_reason,
+    }
+    report = {
+        "recipe_hash": recipe.hash(),
+        "decay": recipe.decay.model_dump(mode="json"),
+        "waves": state.rows,
+        "final": final,
+    }
+    summary = {
+        "recipe_hash": recipe.hash(),
+        "waves": [
+            {
+                "index": r["wave"],
+                "target_sparsity": r["target_sparsity"],
+                "sparsity": r["sparsity"],
+                "ppl": r["ppl"],
+                "kl": r["kl"],
+                "decision": r["decision"],
+            }
+            for r in state.rows
+        ],
+        "final": {k: final[k] for k in ("ppl_test", "sparsity", "params", "bytes")},
+    }
+    log.info("decay waves:\n%s", wave_table(state.rows))
+    metrics = {f"final.{k}": v for k, v in final.items() if isinstance(v, int | float)}
+    return report, plots.decay_figure(state.rows, state.gate.dense_ppl), summary, metrics
+
+
+def wave_table(rows: list[dict[str, Any]]) -> str:
+    """The waves as a Markdown table (logged at the end of the run, pasted into notes)."""
+    lines = [
+        "| wave | target | sparsity | val ppl | KL | decision | reason |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        target = "-" if r["target_sparsity"] is None else f"{r['target_sparsity']:.4f}"
+        lines.append(
+            f"| {r['wave']} | {target} | {r['sparsity']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['decision']} | "
+            f"{r['reason']} |"
+        )
+    return "\n".join(lines)
