@@ -46,6 +46,11 @@ class ArchitectureAdapter:
     mlp_path: str = "mlp"
     mlp_linears: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 
+    @property
+    def last_linear(self) -> str:
+        """The Linear a block runs last (its output only feeds the residual stream)."""
+        return f"{self.mlp_path}.{self.mlp_linears[-1]}"
+
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks, in order."""
         return model.get_submodule(self.blocks_path)

@@ -88,24 +88,33 @@ class InputStats:
         return 2 * self.gram / max(self.tokens, 1)
 
 
-class _SharedInputs:
-    """Forward hooks that compute each distinct input's statistics once per batch (q, k
-    and v see the same tensor, as do gate and up)."""
+class _StatsDone(Exception):
+    """Raised by the last Linear's hook when the rest of the block's pass is not needed."""
 
-    def __init__(self, stats: dict[str, InputStats]):
+
+class _SharedInputs:
+    """Forward pre-hooks that compute each distinct input's statistics once per batch (q,
+    k and v see the same tensor, as do gate and up). With ``stop_after``, the hook of that
+    Linear (the block's last) ends the pass once its input is recorded: a statistics pass
+    whose outputs the walk will not use skips the last matmul."""
+
+    def __init__(self, stats: dict[str, InputStats], stop_after: str | None = None):
         self.stats = stats
+        self.stop_after = stop_after
         # id(x) -> (x, terms). Holding x keeps its memory (and so its id) from being reused
         # by a later input of this batch; the cache is cleared after every batch.
         self.cache: dict[int, tuple[torch.Tensor, Any]] = {}
 
     def hook(self, name: str) -> Any:
-        def observe(module: nn.Module, args: tuple, out: Any) -> None:
+        def observe(module: nn.Module, args: tuple) -> None:
             x = args[0]
             entry = self.cache.get(id(x))
             if entry is None:
                 entry = (x, self.stats[name].batch_terms(x))
                 self.cache[id(x)] = entry
             self.stats[name].add_terms(entry[1])
+            if name == self.stop_after:
+                raise _StatsDone
 
         return observe
 
@@ -164,12 +173,16 @@ def _hidden(out: Any) -> torch.Tensor:
 def run_block(
     block: nn.Module, inputs: Iterable[tuple[torch.Tensor, dict[str, Any]]], shared: _SharedInputs | None = None
 ) -> list[torch.Tensor]:
-    """The block's outputs for each captured input."""
+    """The block's outputs for each captured input (none if ``shared`` stops the passes)."""
     outputs = []
     for hidden, kwargs in inputs:
-        outputs.append(_hidden(block(hidden, **kwargs)))
-        if shared is not None:
-            shared.cache.clear()
+        try:
+            outputs.append(_hidden(block(hidden, **kwargs)))
+        except _StatsDone:
+            pass
+        finally:
+            if shared is not None:
+                shared.cache.clear()
     return outputs
 
 
@@ -242,8 +255,9 @@ def _walk_block(
         name: InputStats(linear.in_features, method.needs_gram, method.needs_frequency, eps)
         for name, linear in linears.items()
     }
-    shared = _SharedInputs(stats)
-    handles = [linear.register_forward_hook(shared.hook(name)) for name, linear in linears.items()]
+    rerun = getattr(method, "modifies_blocks", True)  # the statistics pass's outputs are then not used
+    shared = _SharedInputs(stats, stop_after=adapter.last_linear if rerun else None)
+    handles = [linear.register_forward_pre_hook(shared.hook(name)) for name, linear in linears.items()]
     try:
         outputs = run_block(block, inputs, shared)
     finally:
@@ -251,7 +265,7 @@ def _walk_block(
             handle.remove()
     with torch.autocast(device.type, enabled=False):  # the method's own math in full precision
         method.process(index, block, linears, stats)
-    if getattr(method, "modifies_blocks", True):  # the changed block's outputs feed the next
+    if rerun:  # the changed block's outputs feed the next
         outputs = run_block(block, inputs)
     torch.clear_autocast_cache()  # autocast keeps low-precision weight copies until cleared
     if hasattr(method, "after_block"):
