@@ -186,12 +186,12 @@ class WaveDataset(AbstractDataset[Any, WaveHandle | None]):
             if info is None or info["state_id"] != data.state_id:
                 raise DatasetError(f"{self._path} does not hold wave state {data.state_id} to keep")
             return
-        unchanged_since = data.current.get("unchanged_since")
+        model_from = data.current.get("model_from")
         for stale in self._path.parent.glob(f"{TMP_PREFIX}{self._path.name}.*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(self._path) as tmp:
-            waves.save_state(data, tmp, unchanged_since)
-            if unchanged_since is None:
+            waves.save_state(data, tmp, model_from)
+            if model_from is None:
                 write_sidecar(tmp, {**data.bundle.origin, "wave": data.wave, "state_id": data.state_id})
 
     def _exists(self) -> bool:

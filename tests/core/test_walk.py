@@ -58,3 +58,40 @@ def test_frequency_counts_active_channels():
     stats = InputStats(3, want_frequency=True, eps=0.5)
     stats.add(torch.tensor([[1.0, 0.1, -2.0], [0.0, 0.2, 3.0]]))
     assert torch.allclose(stats.frequency(), torch.tensor([0.5, 0.0, 1.0]))
+
+
+class HalveFirstLinears:
+    """Changes every Linear in place (as pruning does) and keeps the block outputs."""
+
+    needs_inputs = True
+    needs_gram = False
+    needs_frequency = False
+
+    def __init__(self):
+        self.outputs = {}
+
+    def process(self, index, block, linears, stats):
+        with torch.no_grad():
+            for linear in linears.values():
+                linear.weight.mul_(0.5)
+
+    def after_block(self, index, inputs, outputs):
+        self.outputs[index] = (inputs, outputs)
+
+
+def test_rerun_under_autocast_uses_the_changed_weights(tiny_bundle):
+    """Autocast caches low-precision weight copies and misses in-place changes: the walk
+    must rerun a changed block with its new weights, not the cached old ones."""
+    blocks = blocks_of(4, 512, length=16)
+    method = HalveFirstLinears()
+    calibration_walk(tiny_bundle, blocks, method, batch_size=4, compute_dtype=torch.bfloat16)
+    inputs, outputs = method.outputs[0]
+    block = tiny_bundle.adapter.blocks(tiny_bundle.model)[0]
+    from birdbone.core.walk import capture_block_inputs, run_block
+
+    captured = capture_block_inputs(tiny_bundle.model, block, blocks, 4, torch.device("cpu"))
+    torch.clear_autocast_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = run_block(block, captured)
+    torch.clear_autocast_cache()
+    assert torch.equal(outputs[0], expected[0])

@@ -265,9 +265,12 @@ def _walk_block(
             handle.remove()
     with torch.autocast(device.type, enabled=False):  # the method's own math in full precision
         method.process(index, block, linears, stats)
+    # Autocast caches its low-precision copy of each weight and does not see in-place
+    # changes: clear it so the rerun uses the changed weights, and again to free it.
+    torch.clear_autocast_cache()
     if rerun:  # the changed block's outputs feed the next
         outputs = run_block(block, inputs)
-    torch.clear_autocast_cache()  # autocast keeps low-precision weight copies until cleared
+        torch.clear_autocast_cache()
     if hasattr(method, "after_block"):
         with torch.autocast(device.type, enabled=False):
             method.after_block(index, [h for h, _ in inputs], outputs)

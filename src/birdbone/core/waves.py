@@ -240,27 +240,30 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
 STATE_FILE = "wave.json"
 
 
-def save_state(state: WaveState, directory: Path, unchanged_since: Path | None = None) -> None:
+_WAVE_FILES = ("masks.safetensors", "rollback.safetensors", STATE_FILE)
+
+
+def save_state(state: WaveState, directory: Path, model_from: Path | None = None) -> None:
     """Writes the state into ``directory`` (a fresh one; callers make it atomic): the model
     as a loadable model directory, the masks, the pending deltas and ``wave.json``. With
-    ``unchanged_since`` (the directory of an earlier wave this one left as it was) the files
-    are hard links to that wave's, which costs no space."""
+    ``model_from`` (a directory holding exactly this model: the baseline, or a wave this
+    one left as it was) the model's files are hard links to those, which costs no space."""
     from birdbone.core import modeling
 
-    if unchanged_since is not None:
-        for item in Path(unchanged_since).iterdir():
-            if item.is_file() and item.name != STATE_FILE:
+    if model_from is not None:
+        for item in Path(model_from).iterdir():
+            if item.is_file() and item.name not in _WAVE_FILES and not item.name.startswith("delta_wave_"):
                 try:
                     os.link(item, directory / item.name)
                 except OSError:  # another file system: copy
                     shutil.copy2(item, directory / item.name)
     else:
         modeling.save_model(state.bundle, directory)
-        state.masks.save(directory / "masks.safetensors")
-        for wave, delta in state.pending.waves.items():
-            delta.save(directory / f"delta_wave_{wave}.safetensors")
-        if state.rollback is not None:
-            state.rollback.save(directory / "rollback.safetensors")
+    state.masks.save(directory / "masks.safetensors")
+    for wave, delta in state.pending.waves.items():
+        delta.save(directory / f"delta_wave_{wave}.safetensors")
+    if state.rollback is not None:
+        state.rollback.save(directory / "rollback.safetensors")
     write_json_atomic(
         directory / STATE_FILE,
         {

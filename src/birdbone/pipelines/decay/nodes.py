@@ -64,7 +64,10 @@ def start_decay(
     )[:16]
     if resume is not None and resume.state_id == origin:
         return resume
-    return waves.start(bundle, {"ppl": quality["validation"]["ppl"], "kl": 0.0}, origin)
+    state = waves.start(bundle, {"ppl": quality["validation"]["ppl"], "kl": 0.0}, origin)
+    if bundle.path is not None:
+        state.current["model_from"] = bundle.path  # wave 0 is the baseline model: link its files
+    return state
 
 
 def decay_wave(
@@ -88,7 +91,7 @@ def decay_wave(
     state.bundle.model.to(device)
     state = waves.decay(state, wave, config, calibration, importance or None, device)
     if state.current["action"] == "skip":
-        state.current["unchanged_since"] = previous.path  # the wave directory links the previous one's files
+        state.current["model_from"] = previous.path  # the same model: link the previous wave's files
     return state
 
 
