@@ -111,3 +111,23 @@ def test_waves_never_pass_the_cap_and_reach_the_target(tiny_bundle):
         assert removed <= config.cap * present + rows_per_layer, after["wave"]  # within a weight per row
     assert rows[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert [r["decision"] for r in rows[1:]] == ["kept"] * len(targets)
+
+
+def test_the_rollback_restores_by_the_profile_usage_score(tiny_bundle):
+    """Most important first means |W| times the profile's input norm, not |W| alone."""
+    config = _config(rollback="gradual")
+    generator = torch.Generator().manual_seed(3)
+    linears = {f"{n}.weight": m.weight for n, m in tiny_bundle.adapter.linears(tiny_bundle.model).items()}
+    importance = {name: torch.rand(w.shape[1], generator=generator) * 100 for name, w in linears.items()}
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    for wave, ppl in [(1, 10.0), (2, 11.0), (3, 12.0)]:
+        waves.decay(state, wave, config, blocks_of(4, 512, length=32, seed=wave), importance)
+        state.current.update(ppl=ppl, kl=0.0)
+        waves.gate(state, config, "recipe")
+    assert state.rows[-1]["decision"] == "rolling back"
+    for name, delta in state.rollback.params.items():
+        cols = linears[name].shape[1]
+        score = delta.removed_value.abs() * importance[name][delta.removed_index % cols]
+        assert bool((score[:-1] >= score[1:]).all()), name
+        by_magnitude = delta.removed_value.abs()
+        assert not bool((by_magnitude[:-1] >= by_magnitude[1:]).all()), name  # a different order than |W|

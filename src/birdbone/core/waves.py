@@ -49,6 +49,9 @@ class WaveState:
     rollback: WaveDelta | None = None  # the delta a gradual rollback is restoring
     rows: list[dict[str, Any]] = field(default_factory=list)  # the wave table so far
     owl_final: list[float] | None = None  # OWL block sparsities at the final target
+    # per-Linear input-column norms (the profile's) that order removed weights for a rollback;
+    # set by ``decay`` for the ``gate`` of the same wave, not saved
+    importance: dict[str, torch.Tensor] | None = None
     current: dict[str, Any] = field(default_factory=dict)  # this wave's row, being filled in
 
     def linears(self) -> dict[str, torch.Tensor]:
@@ -117,6 +120,7 @@ def decay(
     """
     targets = config.wave_targets()
     state.wave = wave
+    state.importance = importance
     start_time = time.perf_counter()
     state.current = {"wave": wave, "target_sparsity": targets[wave - 1] if wave <= len(targets) else None}
     if state.gate.phase == ROLLBACK:
@@ -217,7 +221,7 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
             state.pending.undo_(state.bundle.model, min(verdict.undo_now))
         elif verdict.start_rollback:
             first = min(state.gate.pending)
-            state.rollback = state.pending.since(state.bundle.model, first)
+            state.rollback = state.pending.since(state.bundle.model, first, state.importance)
             state.pending = DeltaHistory()
         elif decision == "kept":
             state.pending = DeltaHistory()  # accepted: nothing left to undo
