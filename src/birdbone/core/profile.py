@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from birdbone.core.stream import require_in_memory
-from birdbone.core.walk import InputStats, calibration_walk
+from birdbone.core.walk import InputStats, autocast_dtype, calibration_walk
 
 
 def block_influence_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
@@ -124,7 +124,7 @@ def profile_usage(
     if config.blocks is not None:
         calibration = calibration[: config.blocks]
     method = _Profiler(bundle.adapter, bundle.model.config, config.gram, config.frequency_eps)
-    dtype = getattr(torch, config.compute_dtype) if config.compute_dtype != "float32" else None
+    dtype = autocast_dtype(config.compute_dtype)
     calibration_walk(bundle, calibration, method, config.batch_size, device, "profiling", dtype)
     tensors = dict(method.tensors)
     blocks = len(method.influence)

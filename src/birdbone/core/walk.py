@@ -186,6 +186,11 @@ def run_block(
     return outputs
 
 
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """A config's ``compute_dtype`` as the walk's ``compute_dtype``: None for float32 (no autocast)."""
+    return None if name == "float32" else getattr(torch, name)
+
+
 def resident_block(bundle: Any) -> Callable[[int], contextlib.AbstractContextManager[nn.Module]]:
     """``resident(index)``: a context giving block ``index`` with its weights in memory. A
     streamed bundle (``core.stream``) reads it from disk and writes it back; an in-memory

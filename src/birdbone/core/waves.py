@@ -32,6 +32,7 @@ from birdbone.core.masks import DeltaHistory, MaskSet, WaveDelta
 from birdbone.core.prune import prune_
 from birdbone.core.prune.owl import block_sparsities, outlier_ratios
 from birdbone.core.prune.patterns import NMRamp
+from birdbone.core.walk import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def decay(
             config.batch_size,
             device,
             {"sparsegpt": config.sparsegpt, "gradient": config.gradient}.get(config.method),
-            getattr(torch, config.compute_dtype) if config.compute_dtype != "float32" else None,
+            autocast_dtype(config.compute_dtype),
             layer_ratios=_layer_ratios(config, state, targets[wave - 1], calibration, device),
             prior=state.masks,
         )
@@ -173,7 +174,7 @@ def _layer_ratios(
     if config.layer_ratios != "owl":
         return None
     if state.owl_final is None:
-        dtype = getattr(torch, config.compute_dtype) if config.compute_dtype != "float32" else None
+        dtype = autocast_dtype(config.compute_dtype)
         ratios = outlier_ratios(state.bundle, calibration, config.owl.threshold, config.batch_size, device, dtype)
         state.owl_final = block_sparsities(ratios, config.target, config.owl.spread)
     return [s * target / config.target for s in state.owl_final]
