@@ -206,11 +206,12 @@ class WaveDelta:
         return out
 
     @torch.no_grad()
-    def restore_(self, model: nn.Module, part: int = 0, parts: int = 1) -> int:
+    def restore_(self, target: nn.Module | Mapping[str, torch.Tensor], part: int = 0, parts: int = 1) -> int:
         """Writes back the ``part``-th of ``parts`` equal slices of each parameter's removed
-        weights (most important first); the last part also restores updated weights, so
-        restoring parts 0..parts-1 undoes the wave exactly. Returns the weights restored."""
-        named = dict(model.named_parameters())
+        weights (most important first) into a model, or a dict of tensors by parameter
+        name; the last part also restores updated weights, so restoring parts
+        0..parts-1 undoes the wave exactly. Returns the weights restored."""
+        named = dict(target.named_parameters()) if isinstance(target, nn.Module) else target
         restored = 0
         for name, delta in self.params.items():
             flat = named[name].data.view(-1)
@@ -222,9 +223,9 @@ class WaveDelta:
                 flat[delta.updated_index.to(flat.device)] = delta.updated_value.to(flat.device, flat.dtype)
         return restored
 
-    def invert_(self, model: nn.Module) -> None:
+    def invert_(self, target: nn.Module | Mapping[str, torch.Tensor]) -> None:
         """Undoes the wave exactly (waves after it must be undone first)."""
-        self.restore_(model, 0, 1)
+        self.restore_(target, 0, 1)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         tensors = {}
@@ -273,22 +274,9 @@ class DeltaHistory:
         named = dict(model.named_parameters())
         now = {name: named[name].detach().clone() for name in names}
         before = {name: t.clone() for name, t in now.items()}
-        holder = _ParamHolder(before)
         for delta in reversed(later):
-            delta.invert_(holder)
+            delta.invert_(before)
         return WaveDelta.between(before, now, importance)
-
-
-class _ParamHolder(nn.Module):
-    """Tensors keyed by parameter name, presented to ``restore_`` like a model."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        self.tensors = tensors
-
-    def named_parameters(self, *args: object, **kwargs: object) -> Iterator[tuple[str, nn.Parameter]]:  # type: ignore[override]
-        for name, tensor in self.tensors.items():
-            yield name, nn.Parameter(tensor, requires_grad=False)
 
 
 _DELTA_PARTS = ("removed_index", "removed_value", "updated_index", "updated_value")
