@@ -138,3 +138,13 @@ def test_recipe_is_frozen_and_hash_is_stable():
     assert validate_recipe({**GOOD, "run": {"seed": 1}}).hash() != a.hash()
     with pytest.raises(ValidationError):
         a.run.seed = 5  # type: ignore[misc]
+
+
+def test_structured_decay_names_its_criterion_and_its_wave_count():
+    decay = {"method": "sparsegpt", "pattern": {"kind": "mlp_channels", "ratio": 0.25}}
+    message = error_of(merged(decay=decay))
+    assert "ranks whole units by magnitude or wanda, not sparsegpt" in message and "Fix: method: wanda" in message
+    decay = {"method": "wanda", "pattern": {"kind": "blocks", "count": 3}, "waves": 2}
+    assert "blocks are removed one a wave (3 waves), not in 2" in error_of(merged(decay=decay))
+    decay = {"method": "wanda", "pattern": {"kind": "heads", "ratio": 0.5, "mode": "kv_groups"}}
+    assert validate_recipe(merged(decay=decay), None).decay.structured

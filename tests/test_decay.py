@@ -49,6 +49,38 @@ def test_waves_write_models_masks_table_plot_and_mlflow_steps(project):
     assert sorted(m.step for m in history) == list(range(1, 8))
     assert runs["tags.wave.1.decision"][0].startswith(rows[1]["decision"])
     assert runs["metrics.final.ppl_test"][0] == pytest.approx(summary["final"]["ppl_test"])
+    decayed = modeling.load_model_dir(project / "models/decayed")  # unstructured: same shapes, masks kept
+    assert MaskSet.load(project / "models/decayed/masks.safetensors").equals(masks)
+    assert sum(p.numel() for p in decayed.model.parameters()) == summary["final"]["params"]
+
+
+def test_structured_waves_end_in_a_compacted_model_that_computes_the_same(project):
+    import torch
+    import yaml
+
+    from birdbone.datasets import ModelDataset
+
+    path = project / "conf/test/parameters_decay.yml"
+    params = yaml.safe_load(path.read_text())
+    params["decay"]["pattern"] = {"kind": "mlp_channels", "ratio": 0.25, "multiple": 16}
+    params["decay"]["gate"]["budget"] = None  # a random model's perplexity moves freely: keep every wave
+    params["decay"]["gate"]["step_limit"] = 100.0
+    path.write_text(yaml.safe_dump(params))
+    run(project)
+    report = json.loads((project / "data/08_reporting/decay.json").read_text())
+    rows, final = report["waves"], report["final"]
+    assert [r["decision"] for r in rows[1:3]] == ["kept", "kept"]
+    assert [r["target_units"]["ratio"] for r in rows[1:3]] == [0.125, 0.25]
+    decayed = ModelDataset("models/decayed").load()
+    assert [s["intermediate_size"] for s in final["shapes"]] == [96, 96]
+    assert decayed.model.model.layers[0].mlp.down_proj.weight.shape == (64, 96)
+    assert final["params"] == rows[-1]["params"] == final["params_dense"] - 2 * 32 * 3 * 64
+    assert decayed.masks is not None and decayed.masks.overall_sparsity() == 0.0
+    wave = modeling.load_model_dir(Path(final["wave_path"]))
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = wave.model(ids, use_cache=False).logits
+        assert torch.allclose(decayed.model(ids, use_cache=False).logits, expected, atol=1e-5)
 
 
 def test_a_wave_config_that_cannot_reach_its_target_is_named(project):

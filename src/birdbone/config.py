@@ -465,6 +465,11 @@ class GateConfig(Stage):
     rollback_waves: Annotated[int, Field(ge=1, le=10)] = 3
 
 
+DecayPattern = Annotated[
+    UnstructuredPattern | NMPattern | MLPChannelsPattern | HeadsPattern | BlocksPattern, Field(discriminator="kind")
+]
+
+
 class DecayConfig(PruneConfig):
     """Decay in waves towards the pattern's target, each wave judged by the gate.
 
@@ -479,8 +484,16 @@ class DecayConfig(PruneConfig):
           calibration_blocks: 32 # of the calibration split, per wave (null: all)
           compute_dtype: bfloat16
           gate: {step_limit: 0.03, strikes: 2, budget: 1.0}
+
+    Structured patterns decay too, by masks (whole units zeroed; the model is compacted
+    at the end): ``{kind: mlp_channels, ratio: 0.25}`` follows the schedule and the cap in
+    channels; ``{kind: heads, ratio, mode}`` removes whole steps (one head per group, or
+    one KV group) as the schedule reaches them, so a wave can take more than the cap when
+    one step is larger; ``{kind: blocks, count}`` removes one block a wave. Their
+    criterion is magnitude or wanda (blocks: always block influence).
     """
 
+    pattern: DecayPattern  # type: ignore[assignment]
     enabled: bool = True
     schedule: Literal["constant", "linear", "cubic"] = "constant"
     cap: Annotated[float, Field(gt=0, le=1)] = 0.10
@@ -490,23 +503,43 @@ class DecayConfig(PruneConfig):
 
     @model_validator(mode="after")
     def _reachable(self) -> DecayConfig:
-        if self.pattern.kind not in ("unstructured", "nm"):
+        from birdbone.core.prune.structured import STRUCTURED_CRITERIA
+
+        if self.structured and self.method not in STRUCTURED_CRITERIA:
             raise ValueError(
-                f"decay waves take unstructured or nm patterns; {self.pattern.kind} is pruned in one pass "
-                "(prune_structure_). Fix: pattern kind unstructured or nm"
+                f"structured pattern {self.pattern.kind} ranks whole units by {' or '.join(STRUCTURED_CRITERIA)}, "
+                f"not {self.method}. Fix: method: wanda"
+            )
+        if self.pattern.kind == "blocks" and self.waves not in (None, self.pattern.count):
+            raise ValueError(
+                f"blocks are removed one a wave ({self.pattern.count} waves), not in {self.waves}. "
+                "Fix: leave decay.waves unset"
             )
         self.wave_targets()  # raises if the schedule cannot reach the target under the cap
         return self
 
     @property
+    def structured(self) -> bool:
+        """Whether the pattern removes whole units (channels, heads, blocks)."""
+        return self.pattern.kind in ("mlp_channels", "heads", "blocks")
+
+    @property
     def target(self) -> float:
-        """Final sparsity of the pattern (N:M: 1 - N/M)."""
-        return self.pattern.sparsity if self.pattern.kind == "unstructured" else 1.0 - self.pattern.n / self.pattern.m
+        """The pattern's final target in its own unit: sparsity (N:M: 1 - N/M), the ratio
+        of channels or heads, or the number of blocks."""
+        kind = self.pattern.kind
+        if kind == "unstructured":
+            return self.pattern.sparsity
+        if kind == "nm":
+            return 1.0 - self.pattern.n / self.pattern.m
+        return float(self.pattern.count) if kind == "blocks" else self.pattern.ratio
 
     def wave_targets(self) -> list[float]:
-        """Cumulative sparsity after each decay wave."""
+        """Cumulative target after each decay wave, in the pattern's unit (see ``target``)."""
         from birdbone.core.schedule import wave_targets
 
+        if self.pattern.kind == "blocks":
+            return [float(k) for k in range(1, self.pattern.count + 1)]
         return wave_targets(self.schedule, self.target, self.cap, self.waves)
 
     def wave_count(self) -> int:

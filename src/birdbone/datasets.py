@@ -17,8 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from birdbone.core import modeling, waves
 from birdbone.core.io import TMP_PREFIX, atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from birdbone.core.masks import MaskSet
 
 SIDECAR = "birdbone.json"
+MASKS = "masks.safetensors"
 
 
 def write_sidecar(directory: Path, origin: dict[str, Any]) -> None:
@@ -31,7 +33,8 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
     """A model directory (safetensors + tokenizer + ``birdbone.json`` sidecar), written whole.
 
     The sidecar records how the model was made (``origin``) and the SHA-256 of each weight
-    file, so a later stage can tell exactly which parent it came from.
+    file, so a later stage can tell exactly which parent it came from. A bundle's masks
+    travel with it as ``masks.safetensors``.
     """
 
     def __init__(self, path: str, dtype: str = "float32", metadata: dict[str, Any] | None = None):
@@ -46,11 +49,15 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
             )
         bundle = modeling.load_model_dir(self._path, self._dtype)
         bundle.origin = json.loads((self._path / SIDECAR).read_text())["origin"]
+        if (self._path / MASKS).is_file():
+            bundle.masks = MaskSet.load(self._path / MASKS)
         return bundle
 
     def save(self, data: modeling.ModelBundle) -> None:
         with atomic_dir(self._path) as tmp:
             modeling.save_model(data, tmp)
+            if data.masks is not None:
+                data.masks.save(tmp / MASKS)
             write_sidecar(tmp, data.origin)
         data.path = self._path
 

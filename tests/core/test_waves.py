@@ -131,3 +131,64 @@ def test_the_rollback_restores_by_the_profile_usage_score(tiny_bundle):
         assert bool((score[:-1] >= score[1:]).all()), name
         by_magnitude = delta.removed_value.abs()
         assert not bool((by_magnitude[:-1] >= by_magnitude[1:]).all()), name  # a different order than |W|
+
+
+def _structured(pattern, **gate):
+    return DecayConfig(
+        method="wanda", pattern=pattern, cap=0.2, gate={"step_limit": 0.03, "strikes": 2, "budget": None, **gate}
+    )
+
+
+def _channels_kept(state):
+    return [int(state.masks[f"model.layers.{i}.mlp.down_proj.weight"].any(0).sum()) for i in range(2)]
+
+
+def test_structured_waves_remove_whole_channels_under_the_cap(tiny_bundle):
+    config = _structured({"kind": "mlp_channels", "ratio": 0.5, "multiple": 8})
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    targets = config.wave_targets()
+    kept = [_channels_kept(state)]
+    for wave in range(1, len(targets) + 1):
+        _run(state, config, wave, 10.0)
+        kept.append(_channels_kept(state))
+    for before, after in zip(kept, kept[1:], strict=False):
+        assert all(b - a <= config.cap * b for a, b in zip(after, before, strict=True))  # at most 20 % a wave
+        assert all(a % 8 == 0 for a in after)
+    assert kept[-1] == [64, 64]
+    assert state.rows[-1]["params"] == sum(p.numel() for p in tiny_bundle.model.parameters()) - 2 * 64 * 3 * 64
+    assert state.rows[1]["target_units"]["kind"] == "mlp_channels" and state.rows[1]["target_sparsity"] is None
+
+
+def test_a_structured_gradual_rollback_restores_whole_channels_and_ends_bit_exact(tiny_bundle):
+    config = _structured({"kind": "mlp_channels", "ratio": 0.5, "multiple": 8}, rollback="gradual")
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    _run(state, config, 1, 10.0)
+    accepted = _snapshot(state)
+    _run(state, config, 2, 11.0)
+    _run(state, config, 3, 12.0)
+    assert state.rows[-1]["decision"] == "rolling back" and state.rollback.units > 0
+    units = state.rollback.units
+    counts = [sum(_channels_kept(state))]
+    for wave in (4, 5, 6):
+        _run(state, config, wave, 50.0)
+        counts.append(sum(_channels_kept(state)))
+        # whole channels: a channel is either fully present or fully masked in gate, up and down
+        for i in range(2):
+            gate = state.masks[f"model.layers.{i}.mlp.gate_proj.weight"]
+            down = state.masks[f"model.layers.{i}.mlp.down_proj.weight"]
+            assert torch.equal(gate.all(1), gate.any(1)) and torch.equal(gate.any(1), down.any(0))
+    restored = [b - a for a, b in zip(counts, counts[1:], strict=False)]
+    assert sum(restored) == units and all(abs(r - units / 3) <= 1 for r in restored)
+    assert _same(state, accepted)
+
+
+def test_blocks_go_one_a_wave_and_never_the_same_twice(tiny_bundle):
+    config = _structured({"kind": "blocks", "count": 1})
+    assert config.wave_targets() == [1.0]
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    _run(state, config, 1, 10.0)
+    gone = [i for i in range(2) if state.masks.kept(f"model.layers.{i}.mlp.down_proj.weight") == 0]
+    assert len(gone) == 1
+    dense = sum(p.numel() for p in tiny_bundle.model.parameters())
+    block = sum(p.numel() for p in tiny_bundle.model.model.layers[0].parameters())
+    assert state.rows[-1]["params"] == dense - block

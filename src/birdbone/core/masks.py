@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,17 +153,30 @@ class ParamDelta:
     removed_value: torch.Tensor  # [r]
     updated_index: torch.Tensor  # int64 [u]
     updated_value: torch.Tensor  # [u]
+    # with units (structured pruning): the rank of each removed weight's unit, ascending;
+    # a share of a rollback then restores whole units, not a share of each parameter
+    unit_rank: torch.Tensor | None = None  # int64 [r]
 
     @property
     def removed(self) -> int:
         return int(self.removed_index.numel())
 
+    def span(self, part: int, parts: int, units: int) -> tuple[int, int]:
+        """The slice of removed weights in ``part`` of ``parts``: equal shares of this
+        parameter's weights, or of the delta's ``units`` when it has unit ranks."""
+        if self.unit_rank is None:
+            return (self.removed * part) // parts, (self.removed * (part + 1)) // parts
+        lo, hi = (units * part) // parts, (units * (part + 1)) // parts
+        bounds = torch.searchsorted(self.unit_rank, torch.tensor([lo, hi], dtype=self.unit_rank.dtype))
+        return int(bounds[0]), int(bounds[1])
+
 
 class WaveDelta:
     """What one wave changed, enough to undo it exactly and nothing more (no snapshots)."""
 
-    def __init__(self, params: dict[str, ParamDelta] | None = None):
+    def __init__(self, params: dict[str, ParamDelta] | None = None, units: int = 0):
         self.params: dict[str, ParamDelta] = dict(params or {})
+        self.units = units  # ranked units (0: none; shares are per parameter)
 
     @classmethod
     @torch.no_grad()
@@ -184,11 +197,7 @@ class WaveDelta:
             removed = changed & (new_flat == 0)
             updated = changed & ~removed
             idx = removed.nonzero().reshape(-1)
-            score = old_flat[idx].abs().float()
-            if importance is not None and name in importance:
-                weight = importance[name].cpu().float()
-                # a vector scales each input column (|W| * ||X||, Wanda's score); else per weight
-                score = score * weight[idx % old.shape[-1]] if weight.ndim == 1 else weight.reshape(-1)[idx]
+            score = _scores(name, old_flat[idx], idx, importance)
             idx = idx[torch.argsort(-score, stable=True)]
             up = updated.nonzero().reshape(-1)
             params[name] = ParamDelta(idx, old_flat[idx].clone(), up, old_flat[up].clone())
@@ -197,11 +206,44 @@ class WaveDelta:
     def removed(self) -> int:
         return sum(p.removed for p in self.params.values())
 
+    @torch.no_grad()
+    def group_units_(
+        self,
+        unit_of: Callable[[str, torch.Tensor], torch.Tensor],
+        importance: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Orders the removed weights by whole units, so that a share of a rollback restores
+        whole MLP channels, heads or blocks. ``unit_of(name, flat_index)`` gives each removed
+        weight's unit id (the same id in every parameter the unit spans). A unit scores the
+        sum of its weights' |W| (times ``importance`` as in ``between``); the highest first,
+        ties by id."""
+        ids, scores = {}, {}
+        for name, delta in self.params.items():
+            ids[name] = unit_of(name, delta.removed_index).long()
+            scores[name] = _scores(name, delta.removed_value, delta.removed_index, importance).double()
+        if not ids or not sum(i.numel() for i in ids.values()):
+            self.units = 0
+            return
+        units, inverse = torch.unique(torch.cat(list(ids.values())), return_inverse=True)
+        total = torch.zeros(units.numel(), dtype=torch.float64).index_add_(0, inverse, torch.cat(list(scores.values())))
+        order = sorted(range(units.numel()), key=lambda u: (-float(total[u]), int(units[u])))
+        rank_of = torch.empty(units.numel(), dtype=torch.long)
+        rank_of[torch.tensor(order)] = torch.arange(units.numel())
+        offset = 0
+        for name, delta in self.params.items():
+            count = ids[name].numel()
+            rank = rank_of[inverse[offset : offset + count]]
+            offset += count
+            perm = torch.argsort(rank, stable=True)
+            delta.removed_index, delta.removed_value = delta.removed_index[perm], delta.removed_value[perm]
+            delta.unit_rank = rank[perm]
+        self.units = int(units.numel())
+
     def part_index(self, part: int, parts: int) -> dict[str, torch.Tensor]:
         """Flat indices of each parameter's removed weights in slice ``part`` of ``parts``."""
         out = {}
         for name, delta in self.params.items():
-            lo, hi = (delta.removed * part) // parts, (delta.removed * (part + 1)) // parts
+            lo, hi = delta.span(part, parts, self.units)
             out[name] = delta.removed_index[lo:hi]
         return out
 
@@ -215,7 +257,7 @@ class WaveDelta:
         restored = 0
         for name, delta in self.params.items():
             flat = named[name].data.view(-1)
-            lo, hi = (delta.removed * part) // parts, (delta.removed * (part + 1)) // parts
+            lo, hi = delta.span(part, parts, self.units)
             index = delta.removed_index[lo:hi].to(flat.device)
             flat[index] = delta.removed_value[lo:hi].to(flat.device, flat.dtype)
             restored += hi - lo
@@ -238,14 +280,25 @@ class WaveDelta:
                     f"{name}::updated_value": d.updated_value,
                 }
             )
+            if d.unit_rank is not None:
+                tensors[f"{name}::unit_rank"] = d.unit_rank
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"birdbone.delta": "1"})
+            metadata = {"birdbone.delta": "1", "birdbone.units": str(self.units)}
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> WaveDelta:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            units = int((handle.metadata() or {}).get("birdbone.units", "0"))
         tensors = load_file(Path(path))
         names = sorted({key.split("::")[0] for key in tensors})
-        return cls({n: ParamDelta(*(tensors[f"{n}::{part}"] for part in _DELTA_PARTS)) for n in names})
+        params = {
+            n: ParamDelta(*(tensors[f"{n}::{part}"] for part in _DELTA_PARTS), tensors.get(f"{n}::unit_rank"))
+            for n in names
+        }
+        return cls(params, units)
 
 
 class DeltaHistory:
@@ -277,6 +330,18 @@ class DeltaHistory:
         for delta in reversed(later):
             delta.invert_(before)
         return WaveDelta.between(before, now, importance)
+
+
+def _scores(
+    name: str, values: torch.Tensor, index: torch.Tensor, importance: Mapping[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """Importance of removed weights (their values before, at flat ``index``): |W|, times
+    a per-input-column vector (|W| * ||X||, Wanda's score), or a full tensor of scores."""
+    score = values.abs().float()
+    if importance is None or name not in importance:
+        return score
+    weight = importance[name].cpu().float()
+    return score * weight[index % weight.numel()] if weight.ndim == 1 else weight.reshape(-1)[index]
 
 
 _DELTA_PARTS = ("removed_index", "removed_value", "updated_index", "updated_value")

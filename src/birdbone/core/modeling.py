@@ -111,13 +111,15 @@ def adapter_for(model_or_config: Any) -> ArchitectureAdapter:
 
 @dataclass
 class ModelBundle:
-    """A model with its tokenizer and adapter; ``path`` is where it was loaded from."""
+    """A model with its tokenizer and adapter; ``path`` is where it was loaded from;
+    ``masks`` (a ``MaskSet``), what pruning removed, when the model carries them."""
 
     model: nn.Module
     tokenizer: Any
     adapter: ArchitectureAdapter
     path: Path | None = None
     origin: dict[str, Any] = field(default_factory=dict)
+    masks: Any = None
 
 
 def default_gguf_path() -> Path:

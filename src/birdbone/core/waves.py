@@ -31,7 +31,9 @@ from birdbone.core.io import sha256_json, write_json_atomic
 from birdbone.core.masks import DeltaHistory, MaskSet, WaveDelta
 from birdbone.core.prune import prune_
 from birdbone.core.prune.owl import block_sparsities, outlier_ratios
-from birdbone.core.prune.patterns import NMRamp
+from birdbone.core.prune.patterns import NMRamp, describe
+from birdbone.core.prune.structured import compact_param_count, mask_structure_, unit_ids
+from birdbone.core.prune.structured import wave_pattern as structured_wave_pattern
 from birdbone.core.walk import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -86,17 +88,20 @@ def _row(
         "sparsity": masks.overall_sparsity(),
         "ppl": ppl,
         "kl": kl,
-        "params": evaluate.parameter_count(bundle.model),
+        "params": compact_param_count(bundle, masks),  # once the masked units are removed
         "nonzero_linear_weights": sum(masks.kept(n) for n in masks),
         "decision": decision,
         "reason": reason,
     }
 
 
-def wave_pattern(config: Any, wave: int, targets: list[float]) -> Any:
+def wave_pattern(config: Any, wave: int, targets: list[float], bundle: Any = None) -> Any:
     """The pattern wave ``wave`` prunes to: the target so far; for an N:M target, an N:M
-    ramp until the last wave, which reaches N:M exactly."""
+    ramp until the last wave, which reaches N:M exactly; for a structured target, the
+    whole units that share of it comes to on ``bundle``'s shapes."""
     target = targets[wave - 1]
+    if config.structured:
+        return structured_wave_pattern(config.pattern, bundle, target / config.target, wave == len(targets))
     if config.pattern.kind == "nm":
         if wave == len(targets):
             return config.pattern
@@ -138,18 +143,26 @@ def decay(
         state.current.update(action="skip", reason=why)
     else:
         before = {name: w.detach().clone() for name, w in state.linears().items()}
-        masks, report = prune_(
-            state.bundle,
-            config.method,
-            wave_pattern(config, wave, targets),
-            calibration,
-            config.batch_size,
-            device,
-            {"sparsegpt": config.sparsegpt, "gradient": config.gradient}.get(config.method),
-            autocast_dtype(config.compute_dtype),
-            layer_ratios=_layer_ratios(config, state, targets[wave - 1], calibration, device),
-            prior=state.masks,
-        )
+        pattern = wave_pattern(config, wave, targets, state.bundle)
+        dtype = autocast_dtype(config.compute_dtype)
+        if config.structured:
+            state.current.update(target_sparsity=None, target_units=describe(pattern))
+            masks, report = mask_structure_(
+                state.bundle, pattern, calibration, config.batch_size, device, dtype, config.method, state.masks
+            )
+        else:
+            masks, report = prune_(
+                state.bundle,
+                config.method,
+                pattern,
+                calibration,
+                config.batch_size,
+                device,
+                {"sparsegpt": config.sparsegpt, "gradient": config.gradient}.get(config.method),
+                dtype,
+                layer_ratios=_layer_ratios(config, state, targets[wave - 1], calibration, device),
+                prior=state.masks,
+            )
         delta = WaveDelta.between(before, {n: w.detach() for n, w in state.linears().items()}, importance)
         del before
         state.pending.record(wave, delta)
@@ -223,6 +236,8 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
         elif verdict.start_rollback:
             first = min(state.gate.pending)
             state.rollback = state.pending.since(state.bundle.model, first, state.importance)
+            if config.structured:  # restore whole channels, heads or blocks, the most used first
+                state.rollback.group_units_(unit_ids(config.pattern, state.bundle), state.importance)
             state.pending = DeltaHistory()
         elif decision == "kept":
             state.pending = DeltaHistory()  # accepted: nothing left to undo
@@ -232,6 +247,8 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
         seconds={k.removeprefix("seconds_"): round(v, 2) for k, v in current.items() if k.startswith("seconds_")},
         phase=state.gate.phase,
     )
+    if action == "decay" and "target_units" in current:
+        row["target_units"] = current["target_units"]
     if decision == "reverted" and action == "decay":
         row["state_ppl"] = state.gate.reference_ppl  # the model is back at the accepted state
     state.rows.append(row)

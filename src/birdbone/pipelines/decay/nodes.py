@@ -18,8 +18,9 @@ import torch
 from matplotlib.figure import Figure
 
 from birdbone.config import DecayConfig, RunConfig, validate_recipe
-from birdbone.core import evaluate, modeling, plots, waves
+from birdbone.core import evaluate, modeling, plots, structure, waves
 from birdbone.core.io import sha256_json
+from birdbone.core.prune.structured import compact_
 from birdbone.datasets import SIDECAR, WaveHandle
 
 log = logging.getLogger(__name__)
@@ -146,36 +147,62 @@ def wave_metrics(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def compact_decay(last: WaveHandle) -> modeling.ModelBundle:
+    """The decayed model with its masked units removed physically (channels, heads,
+    blocks): smaller tensors, the same outputs. What stays masked (unstructured or N:M
+    sparsity) travels with it as its masks."""
+    state = last.state()
+    before = evaluate.parameter_count(state.bundle.model)
+    masks, info = compact_(state.bundle, state.masks)
+    bundle = state.bundle
+    bundle.masks = masks
+    bundle.origin = {**bundle.origin, "decay_state": last.state_id, "wave": state.wave}
+    log.info(
+        "compacted the decayed model: %d -> %d parameters, %d blocks removed",
+        before,
+        info["params_after"],
+        len(info["blocks_removed"]),
+    )
+    return bundle
+
+
 def report_decay(
     last: WaveHandle,
+    decayed: modeling.ModelBundle,
     blocks: dict[str, torch.Tensor],
     parameters: dict[str, Any],
     run: dict[str, Any],
 ) -> tuple[dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
     """The wave table, the decay curve, ``summary.json``'s ``waves`` and ``final``, and
-    the final numbers for tracking. The final model is the last wave's directory."""
+    the final numbers for tracking. The final model is the compacted one (``models/decayed``),
+    measured on the test split as it is stored."""
     recipe = validate_recipe(parameters, Path.cwd())
     assert recipe.decay is not None
-    state = last.state()
+    rows, gate = last.info["rows"], last.info["gate"]
     device = _device(run)
-    model = state.bundle.model.to(device)
+    model = decayed.model.to(device)
     test = evaluate.perplexity(model, blocks["test"], recipe.decay.batch_size, device, "final test")
-    weights = sum(p.stat().st_size for p in last.path.glob("model*.safetensors"))
+    assert decayed.path is not None
+    masks = decayed.masks
+    params = evaluate.parameter_count(model)
+    masked = sum(masks.numel(n) - masks.kept(n) for n in masks) if masks is not None else 0
     final = {
-        "path": os.path.relpath(last.path, Path.cwd()),
+        "path": os.path.relpath(decayed.path, Path.cwd()),
+        "wave_path": os.path.relpath(last.path, Path.cwd()),
         "ppl_test": test["ppl"],
-        "ppl_val": state.rows[-1].get("state_ppl", state.rows[-1]["ppl"]),
-        "sparsity": state.masks.overall_sparsity(),
-        "params": evaluate.parameter_count(state.bundle.model),
-        "nonzero_params": evaluate.parameter_count(state.bundle.model)
-        - sum(state.masks.numel(n) - state.masks.kept(n) for n in state.masks),
-        "bytes": weights,
-        "stop_reason": state.gate.stop_reason,
+        "ppl_val": rows[-1].get("state_ppl", rows[-1]["ppl"]),
+        "sparsity": rows[-1]["sparsity"],
+        "params": params,
+        "params_dense": rows[0]["params"],
+        "nonzero_params": params - masked,
+        "shapes": structure.layer_shapes(decayed.model, decayed.adapter),
+        "bytes": sum(p.stat().st_size for p in Path(decayed.path).glob("model*.safetensors")),
+        "stop_reason": gate.get("stop_reason"),
     }
     report = {
         "recipe_hash": recipe.hash(),
         "decay": recipe.decay.model_dump(mode="json"),
-        "waves": state.rows,
+        "waves": rows,
         "final": final,
     }
     summary = {
@@ -189,13 +216,19 @@ def report_decay(
                 "kl": r["kl"],
                 "decision": r["decision"],
             }
-            for r in state.rows
+            for r in rows
         ],
         "final": {k: final[k] for k in ("ppl_test", "sparsity", "params", "bytes")},
     }
-    log.info("decay waves:\n%s", wave_table(state.rows))
+    log.info("decay waves:\n%s", wave_table(rows))
     metrics = {f"final.{k}": v for k, v in final.items() if isinstance(v, int | float)}
-    return report, plots.decay_figure(state.rows, state.gate.dense_ppl), summary, metrics
+    return report, plots.decay_figure(rows, gate["dense_ppl"]), summary, metrics
+
+
+def unit_target(pattern: dict[str, Any]) -> str:
+    """A structured wave's target in its units, e.g. ``mlp_channels 0.125``, ``blocks 2``."""
+    amount = pattern["count"] if pattern["kind"] == "blocks" else f"{pattern['ratio']:.4g}"
+    return f"{pattern['kind']} {amount}"
 
 
 def wave_table(rows: list[dict[str, Any]]) -> str:
@@ -206,6 +239,8 @@ def wave_table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         target = "-" if r["target_sparsity"] is None else f"{r['target_sparsity']:.4f}"
+        if "target_units" in r:
+            target = unit_target(r["target_units"])
         lines.append(
             f"| {r['wave']} | {target} | {r['sparsity']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['decision']} | "
             f"{r['reason']} |"

@@ -68,11 +68,12 @@ def create_pipeline(waves: int = 0, **kwargs) -> Pipeline:
                 parameters=PARAMS,
             )
         )
+    compact = Node(nodes.compact_decay, "last_wave", "decayed_model", name="compact_decay")
     report = Node(
         nodes.report_decay,
-        ["last_wave", "blocks", "parameters", "params:run"],
+        ["last_wave", "decayed_model", "blocks", "parameters", "params:run"],
         ["decay_report", "decay_plot", "decay_summary", "decay_metrics"],
         name="report_decay",
     )
-    parts.append(Pipeline([report], inputs={"last_wave": f"wave_{waves}.state", "blocks": "blocks"}))
+    parts.append(Pipeline([compact, report], inputs={"last_wave": f"wave_{waves}.state", "blocks": "blocks"}))
     return Pipeline(parts)
