@@ -63,7 +63,10 @@ def test_unknown_key_names_file_and_suggests_the_near_miss(tmp_path):
 def test_unknown_top_level_key_lists_the_stages(tmp_path):
     message = error_of({**GOOD, "decay_waves": {}}, tmp_path, conf(tmp_path, {"parameters_x.yml": {"decay_waves": {}}}))
     assert "decay_waves: unknown key" in message and "parameters_x.yml" in message
-    assert "did you mean 'decay'? known keys here: baseline, data, decay, model, profile, run, tracking" in message
+    assert (
+        "did you mean 'decay'? known keys here: baseline, data, decay, heal, model, profile, regrow, run, tracking"
+        in message
+    )
 
 
 def test_wrong_type_states_the_type(tmp_path):
@@ -148,3 +151,17 @@ def test_structured_decay_names_its_criterion_and_its_wave_count():
     assert "blocks are removed one a wave (3 waves), not in 2" in error_of(merged(decay=decay))
     decay = {"method": "wanda", "pattern": {"kind": "heads", "ratio": 0.5, "mode": "kv_groups"}}
     assert validate_recipe(merged(decay=decay), None).decay.structured
+
+
+def test_qlora_without_cuda_is_refused_before_compute():
+    message = error_of(merged(heal={"enabled": True, "quantize": "nf4"}, run={"device": "cpu"}))
+    assert "heal.quantize: nf4 (QLoRA) needs a CUDA device" in message and "Fix: heal.quantize: none" in message
+
+
+def test_the_heal_taper_shrinks_steps_and_learning_rate():
+    from birdbone.config import HealConfig
+
+    config = HealConfig(steps=200, lr=2e-4)
+    assert [config.wave_schedule(k, 4)[0] for k in (1, 2, 3, 4)] == [200, 150, 100, 50]
+    assert config.wave_schedule(3, 4)[1] == pytest.approx(1e-4)
+    assert HealConfig(steps=200, taper=False).wave_schedule(4, 4)[0] == 200

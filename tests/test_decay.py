@@ -49,6 +49,22 @@ def test_waves_write_models_masks_table_plot_and_mlflow_steps(project):
     assert sorted(m.step for m in history) == list(range(1, 8))
     assert runs["tags.wave.1.decision"][0].startswith(rows[1]["decision"])
     assert runs["metrics.final.ppl_test"][0] == pytest.approx(summary["final"]["ppl_test"])
+    # healing: in every wave that pruned (tapered steps), and once more at the end, masks kept
+    healed_rows = [r for r in rows if r.get("heal")]
+    assert healed_rows and all(r["heal"]["merged"] for r in healed_rows)
+    assert [r["heal"]["steps"] for r in healed_rows[:2]] == [4, 3]  # E_k = E_1 (1 - (k-1)/R), R = 4
+    heal = json.loads((project / "data/08_reporting/heal.json").read_text())
+    assert heal["final"]["steps"] == 4 and heal["final"]["merged"] and heal["final"]["curve"]
+    assert summary["heal"]["final"]["ppl_test"] > 0
+    assert (project / "data/08_reporting/heal.png").read_bytes()[:4] == b"\x89PNG"
+    healed = modeling.load_model_dir(project / "models/healed")
+    healed_masks = MaskSet.load(project / "models/healed/masks.safetensors")
+    assert healed_masks.equals(masks)
+    assert MaskSet.from_weights(
+        {f"{n}.weight": m.weight for n, m in healed.adapter.linears(healed.model).items()}
+    ).overall_sparsity() == pytest.approx(masks_sparsity, abs=1e-6)
+    final_curve = mlflow.tracking.MlflowClient().get_metric_history(runs["run_id"][0], "heal.final.loss")
+    assert sorted(m.step for m in final_curve) == [1, 2, 3, 4]
     decayed = modeling.load_model_dir(project / "models/decayed")  # unstructured: same shapes, masks kept
     assert MaskSet.load(project / "models/decayed/masks.safetensors").equals(masks)
     assert sum(p.numel() for p in decayed.model.parameters()) == summary["final"]["params"]

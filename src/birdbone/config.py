@@ -550,6 +550,114 @@ class DecayConfig(PruneConfig):
         return len(self.wave_targets()) + extra
 
 
+# --------------------------------------------------------------------------- healing
+
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class GatingConfig(Stage):
+    """Significance-gated sample selection: each healing sample is scored (loss, predictive
+    entropy, novelty against recent samples; z-scored, weighted), trained on only above a
+    threshold that a PI controller moves to hold the trained share near ``target_rate``.
+
+    Example::
+
+        gating: {enabled: false, weights: {loss: 0.5, entropy: 0.25, novelty: 0.25}, target_rate: 0.5}
+    """
+
+    enabled: bool = False
+    weights: dict[Literal["loss", "entropy", "novelty"], Annotated[float, Field(ge=0)]] = {
+        "loss": 0.5,
+        "entropy": 0.25,
+        "novelty": 0.25,
+    }
+    target_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    kp: Annotated[float, Field(ge=0)] = 0.5
+    ki: Annotated[float, Field(ge=0)] = 0.05
+    memory: PositiveInt = 64  # recent samples the novelty is measured against
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> GatingConfig:
+        if not any(self.weights.values()):
+            raise ValueError("gating weights are all zero: no sample could score. Fix: give loss a weight, e.g. 0.5")
+        return self
+
+
+class FinalHealConfig(Stage):
+    """The longer heal once the decay is over (``steps: 0``: none)."""
+
+    steps: Annotated[int, Field(ge=0)] = 64
+    lr: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+
+
+class HealConfig(Stage):
+    """LoRA healing inside each wave (before the gate judges it) and once at the end. The
+    adapters are merged into the weights and the masks re-applied, so healing never
+    changes what was pruned.
+
+    Example (``conf/base/parameters_heal.yml``)::
+
+        heal:
+          enabled: true
+          targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+          rank: 8
+          alpha: 16
+          steps: 32              # E_1: optimizer steps in wave 1
+          lr: 2.0e-4             # lr_1
+          taper: true            # E_k = E_1 (1 - (k-1)/R), lr_k likewise (R: the decay waves)
+          batch_size: 4
+          block_length: 256      # tokens of each healing block trained on (null: the whole block)
+          distill: 0.0           # weight of the KL to the dense teacher's top-k logits (0: off)
+          quantize: none         # nf4: QLoRA, 4-bit base weights (CUDA + bitsandbytes)
+          final: {steps: 64, lr: 2.0e-4}
+    """
+
+    enabled: bool = True
+    targets: Annotated[list[str], Field(min_length=1)] = list(BLOCK_LINEARS)
+    rank: PositiveInt = 8
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    steps: Annotated[int, Field(ge=0)] = 32
+    lr: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+    taper: bool = True
+    warmup: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    batch_size: PositiveInt = 4
+    block_length: Annotated[int, Field(ge=2)] | None = 256
+    distill: Annotated[float, Field(ge=0)] = 0.0
+    distill_top_k: Annotated[int, Field(ge=1, le=1024)] = 32
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    quantize: Literal["none", "nf4"] = "none"
+    eval_every: Annotated[int, Field(ge=0)] = 8  # steps between healing-curve points (0: none)
+    curve_blocks: PositiveInt = 4  # validation blocks each curve point is measured on
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    seed: int = 0
+    final: FinalHealConfig = FinalHealConfig()
+    gating: GatingConfig = GatingConfig()
+
+    def wave_schedule(self, wave: int, waves: int) -> tuple[int, float]:
+        """(steps, learning rate) of wave ``wave`` of ``waves``: the seed's taper
+        E_k = E_1 (1 - (k-1)/R), lr_k = lr_1 (1 - (k-1)/R); flat without ``taper``."""
+        if not self.taper or waves <= 0:
+            return self.steps, self.lr
+        share = max(1.0 - (wave - 1) / waves, 0.0)
+        return max(int(round(self.steps * share)), 1 if self.steps else 0), self.lr * max(share, 1.0 / waves)
+
+
+class RegrowConfig(Stage):
+    """RigL after healing: re-activate up to ``fraction`` of the pruned connections with the
+    largest gradient magnitude and drop as many of the weakest active ones, so density is
+    exactly constant; regrown weights start at zero.
+
+    Example::
+
+        regrow: {enabled: false, fraction: 0.05, blocks: 4}
+    """
+
+    enabled: bool = False
+    fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.05
+    blocks: PositiveInt = 4  # healing blocks the gradient is measured on
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -581,7 +689,31 @@ class Recipe(Stage):
     baseline: BaselineConfig = BaselineConfig()
     profile: ProfileConfig = ProfileConfig()
     decay: DecayConfig | None = None
+    heal: HealConfig = HealConfig(enabled=False)
+    regrow: RegrowConfig = RegrowConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _regrow_needs_single_weights(self) -> Recipe:
+        if self.regrow.enabled and self.decay is not None and self.decay.pattern.kind != "unstructured":
+            raise ValueError(
+                f"regrow swaps single connections, which a {self.decay.pattern.kind} pattern has no room for "
+                "(N:M groups and whole units are fixed). Fix: regrow.enabled: false, or decay.pattern kind unstructured"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _qlora_needs_cuda(self) -> Recipe:
+        if self.heal.enabled and self.heal.quantize == "nf4":
+            import torch
+
+            if self.run.device == "cpu" or not torch.cuda.is_available():
+                raise ValueError(
+                    "heal.quantize: nf4 (QLoRA) needs a CUDA device and bitsandbytes; this run has "
+                    f"{'run.device: cpu' if self.run.device == 'cpu' else 'no CUDA device'}. "
+                    "Fix: heal.quantize: none (LoRA on full-precision weights), or run with --env gpu on a CUDA machine"
+                )
+        return self
 
     def hash(self) -> str:
         """Content hash of the validated recipe (defaults filled in)."""

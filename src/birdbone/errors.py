@@ -33,3 +33,7 @@ class PruneError(BirdboneError):
 
 class StreamingError(BirdboneError):
     """A step that needs the whole model in memory was asked of a block-streamed model."""
+
+
+class HealError(BirdboneError):
+    """Healing settings that cannot fit the model (LoRA targets, rank, QLoRA without CUDA)."""

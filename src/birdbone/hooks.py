@@ -137,11 +137,16 @@ class TrackingHook:
     @hook_impl
     def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
         """Logs every output named ``*_metrics``: its numbers as metrics (at ``step`` when
-        it has one: a wave's index), its ``tags`` as run tags."""
+        it has one: a wave's index), its ``tags`` as run tags, and its ``series`` (metric
+        name -> list of (step, value), e.g. a healing curve) one point per step."""
         for name, value in outputs.items():
             if name.endswith("_metrics") and isinstance(value, dict):
                 value = dict(value)
                 step, tags = value.pop("step", None), value.pop("tags", None) or {}
+                for metric, points in (value.pop("series", None) or {}).items():
+                    for point_step, point in points:
+                        log_metric = self._mlflow.log_metric if self._mlflow else None
+                        self._call(f"log {metric}", log_metric, metric, float(point), step=int(point_step))
                 numbers = {
                     k: float(v)
                     for k, v in flatten("", value).items()

@@ -50,13 +50,29 @@ def decay_waves() -> int:
         return 0  # the recipe check names the problem before anything runs
 
 
+def final_heal() -> bool:
+    """Whether the recipe heals the decayed model once more at the end."""
+    from pydantic import ValidationError
+
+    from birdbone.config import HealConfig
+
+    section = _parameters().get("heal")
+    if not section:
+        return False
+    try:
+        config = HealConfig.model_validate(section)
+    except (ValidationError, ValueError, TypeError):
+        return False
+    return config.enabled and config.final.steps > 0
+
+
 def register_pipelines() -> dict[str, Pipeline]:
     """``kedro run`` runs ``__default__``; ``kedro run --pipeline NAME`` one stage."""
     with warnings.catch_warnings():
         # Kedro warns about dotted dataset names; ours are exactly its namespaced names
         # (``wave_<k>.state``), referred to across namespaces on purpose.
         warnings.filterwarnings("ignore", message=r"One or more dataset names contain '\.'", category=UserWarning)
-        waves = decay.create_pipeline(decay_waves())
+        waves = decay.create_pipeline(decay_waves(), final_heal())
     pipelines = {"baseline": baseline.create_pipeline(), "profile": profile.create_pipeline(), "decay": waves}
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -192,3 +192,18 @@ def test_blocks_go_one_a_wave_and_never_the_same_twice(tiny_bundle):
     dense = sum(p.numel() for p in tiny_bundle.model.parameters())
     block = sum(p.numel() for p in tiny_bundle.model.model.layers[0].parameters())
     assert state.rows[-1]["params"] == dense - block
+
+
+def test_an_undo_restores_the_masks_of_weights_that_were_zero_already(tiny_bundle):
+    """A weight that was exactly zero before it was pruned leaves no trace in the weight
+    delta; the masks still come back exactly (the accepted state's masks)."""
+    with torch.no_grad():
+        tiny_bundle.model.model.layers[0].mlp.down_proj.weight[:, :5] = 0.0
+    for rollback in ("full", "gradual"):
+        config = _config(rollback=rollback)
+        state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+        accepted = _snapshot(state)
+        for wave, ppl in [(1, 12.0), (2, 13.0), (3, 13.0), (4, 13.0), (5, 13.0)]:
+            _run(state, config, wave, ppl)
+        assert state.rows[-1]["decision"] in {"reverted", "skipped"}
+        assert _same(state, accepted), rollback

@@ -65,6 +65,13 @@ class MaskSet:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
+    def copy(self) -> MaskSet:
+        """An independent copy."""
+        out = MaskSet()
+        out._bits = {name: bits.copy() for name, bits in self._bits.items()}
+        out._shapes = dict(self._shapes)
+        return out
+
     def update(self, other: MaskSet) -> None:
         """Adds (or replaces) the masks of ``other``."""
         self._bits.update(other._bits)
@@ -161,6 +168,13 @@ class ParamDelta:
     def removed(self) -> int:
         return int(self.removed_index.numel())
 
+    @property
+    def dense(self) -> bool:
+        """Whether ``updated_value`` holds every old value of the parameter (flat), which
+        is how a delta that moved most weights (healing) is stored: 4 bytes a weight
+        instead of 12 for index and value."""
+        return self.updated_index.numel() == 1 and int(self.updated_index[0]) == -1
+
     def span(self, part: int, parts: int, units: int) -> tuple[int, int]:
         """The slice of removed weights in ``part`` of ``parts``: equal shares of this
         parameter's weights, or of the delta's ``units`` when it has unit ranks."""
@@ -200,7 +214,10 @@ class WaveDelta:
             score = _scores(name, old_flat[idx], idx, importance)
             idx = idx[torch.argsort(-score, stable=True)]
             up = updated.nonzero().reshape(-1)
-            params[name] = ParamDelta(idx, old_flat[idx].clone(), up, old_flat[up].clone())
+            if up.numel() * 3 > old_flat.numel():  # most weights moved (healing): every old value, no index
+                params[name] = ParamDelta(idx, old_flat[idx].clone(), _DENSE.clone(), old_flat.clone())
+            else:
+                params[name] = ParamDelta(idx, old_flat[idx].clone(), up, old_flat[up].clone())
         return cls(params)
 
     def removed(self) -> int:
@@ -261,7 +278,9 @@ class WaveDelta:
             index = delta.removed_index[lo:hi].to(flat.device)
             flat[index] = delta.removed_value[lo:hi].to(flat.device, flat.dtype)
             restored += hi - lo
-            if part == parts - 1 and delta.updated_index.numel():
+            if part == parts - 1 and delta.dense:
+                flat.copy_(delta.updated_value.to(flat.device, flat.dtype))
+            elif part == parts - 1 and delta.updated_index.numel():
                 flat[delta.updated_index.to(flat.device)] = delta.updated_value.to(flat.device, flat.dtype)
         return restored
 
@@ -344,6 +363,7 @@ def _scores(
     return score * weight[index % weight.numel()] if weight.ndim == 1 else weight.reshape(-1)[index]
 
 
+_DENSE = torch.tensor([-1], dtype=torch.long)  # updated_index of a dense delta
 _DELTA_PARTS = ("removed_index", "removed_value", "updated_index", "updated_value")
 
 

@@ -140,3 +140,24 @@ def decay_figure(rows: list[dict[str, Any]], dense_ppl: float) -> Figure:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def heal_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
+    """Healing curves: training loss (left) and validation perplexity of the adapted model
+    (right) against optimizer steps, one line per healing (``wave 3``, ``final``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, curve in curves.items():
+        steps = [p["step"] for p in curve if "loss" in p]
+        if steps:
+            axes[0].plot(steps, [p["loss"] for p in curve if "loss" in p], label=label, lw=1)
+        points = [(p["step"], p["val_ppl"]) for p in curve if p.get("val_ppl") is not None]
+        if points:
+            axes[1].plot(*zip(*points, strict=True), marker="o", ms=3, label=label)
+    axes[0].set(xlabel="optimizer step", ylabel="training loss", title="Healing loss")
+    axes[1].set(xlabel="optimizer step", ylabel="validation perplexity (curve blocks)", title="Healing perplexity")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

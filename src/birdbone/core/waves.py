@@ -1,12 +1,13 @@
 """Decay waves: prune a capped share, judge the result, keep it or undo it.
 
-One wave is four steps over a ``WaveState``, each a plain function the Kedro wave pipeline
-wraps as a node: ``decay`` (prune to this wave's target, keeping what earlier waves removed,
-and record a ``WaveDelta``; or restore the next share of a gradual rollback), then healing
-and regrowth (their own modules), ``evaluate`` (validation perplexity and KL to the dense
-model's cached top-k logits), and ``gate`` (the stop-loss in ``core.gate``; undoes waves
-from their deltas when it says so). Waves after the schedule ends, or after the gate
-stopped the decay, pass the state through unchanged and say so in the table.
+One wave is five steps over a ``WaveState``, each a plain function the Kedro wave pipeline
+wraps as a node: ``decay`` (prune to this wave's target, keeping what earlier waves removed;
+or restore the next share of a gradual rollback), ``heal`` (LoRA, masks kept) and regrowth
+(their own modules), ``evaluate`` (validation perplexity and KL to the dense model's cached
+top-k logits), and ``gate`` (seals the wave's ``WaveDelta``, everything it changed, then
+the stop-loss in ``core.gate``; undoes waves from their deltas when it says so). Waves
+after the schedule ends, or after the gate stopped the decay, pass the state through
+unchanged and say so in the table.
 
 States are chained by id: ``id_k = H(id_{k-1}, recipe, k)``; a wave directory whose id
 matches is a finished wave, which is how a killed run resumes without redoing it.
@@ -56,6 +57,16 @@ class WaveState:
     # set by ``decay`` for the ``gate`` of the same wave, not saved
     importance: dict[str, torch.Tensor] | None = None
     current: dict[str, Any] = field(default_factory=dict)  # this wave's row, being filled in
+    # the block weights before this wave's decay, until ``gate`` seals the wave's delta
+    # (pruning, healing and regrowth together); not saved
+    before: dict[str, torch.Tensor] | None = None
+    # the masks of the accepted state: what an undo returns to, exactly (weight deltas
+    # cannot tell a weight that was already zero when masked, nor a regrown one)
+    accepted: MaskSet | None = None
+
+    def __post_init__(self) -> None:
+        if self.accepted is None:
+            self.accepted = self.masks.copy()
 
     def linears(self) -> dict[str, torch.Tensor]:
         """Every decoder-block Linear weight by parameter name."""
@@ -137,6 +148,8 @@ def decay(
         state.current.update(action="rollback", part=part + 1, parts=parts, restored=restored, last=last)
         if last:
             state.rollback = None
+            assert state.accepted is not None
+            state.masks = state.accepted.copy()
         log.info("wave %d: restored part %d of %d (%d weights)", wave, part + 1, parts, restored)
     elif state.gate.phase == STOPPED or wave > len(targets):
         why = f"decay stopped ({state.gate.stop_reason})" if state.gate.phase == STOPPED else "schedule complete"
@@ -163,19 +176,70 @@ def decay(
                 layer_ratios=_layer_ratios(config, state, targets[wave - 1], calibration, device),
                 prior=state.masks,
             )
-        delta = WaveDelta.between(before, {n: w.detach() for n, w in state.linears().items()}, importance)
-        del before
-        state.pending.record(wave, delta)
-        state.masks = masks
-        state.current.update(action="decay", removed=delta.removed(), prune_report=_brief(report))
+        removed = sum(state.masks.kept(n) for n in state.masks) - sum(masks.kept(n) for n in masks)
+        state.before, state.masks = before, masks  # the wave's delta is sealed after healing, in ``gate``
+        state.current.update(action="decay", removed=removed, prune_report=_brief(report))
         log.info(
-            "wave %d: %s to %.4f sparsity (%d weights removed)",
-            wave,
-            config.method,
-            masks.overall_sparsity(),
-            delta.removed(),
+            "wave %d: %s to %.4f sparsity (%d weights removed)", wave, config.method, masks.overall_sparsity(), removed
         )
     state.current["seconds_decay"] = time.perf_counter() - start_time
+    return state
+
+
+def heal(
+    state: WaveState,
+    config: Any,
+    waves: int,
+    healing: torch.Tensor,
+    teacher: dict[str, torch.Tensor] | None,
+    validation: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+) -> WaveState:
+    """Heals a wave that pruned (LoRA, masks kept), with the taper's steps and learning
+    rate for this wave of ``waves``; other waves pass. A healing that blows up is undone
+    and the wave is judged as pruned."""
+    from birdbone.core.heal import heal_
+
+    if not config.enabled or state.current.get("action") != "decay":
+        return state
+    steps, lr = config.wave_schedule(state.wave, waves)
+    report = heal_(
+        state.bundle,
+        state.masks,
+        healing,
+        config,
+        steps,
+        lr,
+        teacher,
+        validation,
+        device,
+        desc=f"wave {state.wave} heal",
+    )
+    state.current["heal"] = report.to_json()
+    state.current["seconds_heal"] = report.seconds
+    log.info(
+        "wave %d: healed %d steps (lr %.2g) in %.0f s%s",
+        state.wave,
+        steps,
+        lr,
+        report.seconds,
+        f"; stopped and undone: {report.stopped}" if report.stopped else "",
+    )
+    return state
+
+
+def regrow(state: WaveState, config: Any, healing: torch.Tensor, device: torch.device | str = "cpu") -> WaveState:
+    """RigL after a wave's healing: swaps ``config.fraction`` of each Linear's pruned
+    connections for its weakest active ones, density exactly constant; other waves pass."""
+    from birdbone.core.regrow import regrow_
+
+    if not config.enabled or state.current.get("action") != "decay":
+        return state
+    masks, report = regrow_(state.bundle, state.masks, healing[: config.blocks], config.fraction, device)
+    state.masks = masks
+    state.current["regrow"] = {k: v for k, v in report.items() if k != "layers"}
+    state.current["seconds_regrow"] = report["seconds"]
+    log.info("wave %d: regrew %d connections (as many dropped)", state.wave, report["swapped"])
     return state
 
 
@@ -211,6 +275,17 @@ def evaluate_state(
     return state
 
 
+def seal(state: WaveState) -> WaveDelta:
+    """Records what this wave changed, from the weights before its decay to now (after
+    healing and regrowth), as the wave's delta: undoing it restores the weights exactly."""
+    assert state.before is not None, "seal() needs a wave that decayed"
+    now = {n: w.detach() for n, w in state.linears().items()}
+    delta = WaveDelta.between(state.before, now, state.importance)
+    state.before = None
+    state.pending.record(state.wave, delta)
+    return delta
+
+
 def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
     """Applies the stop-loss to this wave's numbers; undoes waves when it says so; appends
     the wave's row (with the decision and its reason) and chains the state id."""
@@ -226,13 +301,13 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
         else:
             decision, reason = "rolling back", share
     else:
+        seal(state)
         verdict = judge(state.gate, wave, ppl, kl, config.gate)
         decision, reason = verdict.decision, verdict.reason
+        assert state.accepted is not None
         if verdict.undo_now:
-            for delta_wave in sorted(verdict.undo_now, reverse=True):
-                delta = state.pending.waves[delta_wave]
-                state.masks.keep_(delta.part_index(0, 1))
             state.pending.undo_(state.bundle.model, min(verdict.undo_now))
+            state.masks = state.accepted.copy()
         elif verdict.start_rollback:
             first = min(state.gate.pending)
             state.rollback = state.pending.since(state.bundle.model, first, state.importance)
@@ -241,14 +316,16 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
             state.pending = DeltaHistory()
         elif decision == "kept":
             state.pending = DeltaHistory()  # accepted: nothing left to undo
+            state.accepted = state.masks.copy()
     target = current["target_sparsity"] if action == "decay" else None
     row = _row(wave, decision, reason, target, state.masks, ppl, kl, state.bundle)
     row.update(
         seconds={k.removeprefix("seconds_"): round(v, 2) for k, v in current.items() if k.startswith("seconds_")},
         phase=state.gate.phase,
     )
-    if action == "decay" and "target_units" in current:
-        row["target_units"] = current["target_units"]
+    for key in ("target_units", "heal", "regrow"):
+        if action == "decay" and key in current:
+            row[key] = current[key]
     if decision == "reverted" and action == "decay":
         row["state_ppl"] = state.gate.reference_ppl  # the model is back at the accepted state
     state.rows.append(row)
@@ -262,7 +339,7 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
 STATE_FILE = "wave.json"
 
 
-_WAVE_FILES = ("masks.safetensors", "rollback.safetensors", STATE_FILE)
+_WAVE_FILES = ("masks.safetensors", "masks_accepted.safetensors", "rollback.safetensors", STATE_FILE)
 
 
 def save_state(state: WaveState, directory: Path, model_from: Path | None = None) -> None:
@@ -282,6 +359,8 @@ def save_state(state: WaveState, directory: Path, model_from: Path | None = None
     else:
         modeling.save_model(state.bundle, directory)
     state.masks.save(directory / "masks.safetensors")
+    assert state.accepted is not None
+    state.accepted.save(directory / "masks_accepted.safetensors")
     for wave, delta in state.pending.waves.items():
         delta.save(directory / f"delta_wave_{wave}.safetensors")
     if state.rollback is not None:
@@ -326,6 +405,7 @@ def load_state(directory: Path, dtype: torch.dtype = torch.float32) -> WaveState
         rollback,
         info["rows"],
         info["owl_final"],
+        accepted=MaskSet.load(directory / "masks_accepted.safetensors"),
     )
 
 

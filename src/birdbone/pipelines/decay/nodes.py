@@ -17,19 +17,29 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from birdbone.config import DecayConfig, RunConfig, validate_recipe
+from birdbone.config import DecayConfig, HealConfig, RegrowConfig, RunConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, structure, waves
+from birdbone.core.heal import check_heal
 from birdbone.core.io import sha256_json
 from birdbone.core.prune.structured import compact_
 from birdbone.datasets import SIDECAR, WaveHandle
+from birdbone.pipelines.heal.nodes import heal_series
 
 log = logging.getLogger(__name__)
 
 DECISION_CODES = {"start": 0, "kept": 0, "strike": 1, "rolling back": 2, "reverted": 3, "skipped": 4}
 
 
-def _decay_hash(decay: dict[str, Any]) -> str:
-    return sha256_json(DecayConfig.model_validate(decay).model_dump(mode="json"))
+def _decay_hash(decay: dict[str, Any], heal: dict[str, Any], regrow: dict[str, Any]) -> str:
+    """What a wave's result depends on besides its parent: the decay, healing and regrowth
+    settings (validated, defaults filled in)."""
+    return sha256_json(
+        {
+            "decay": DecayConfig.model_validate(decay).model_dump(mode="json"),
+            "heal": HealConfig.model_validate(heal).model_dump(mode="json"),
+            "regrow": RegrowConfig.model_validate(regrow).model_dump(mode="json"),
+        }
+    )
 
 
 def _device(run: dict[str, Any]) -> torch.device:
@@ -53,16 +63,22 @@ def start_decay(
     blocks: dict[str, torch.Tensor],
     resume: WaveHandle | None,
     decay: dict[str, Any],
+    heal: dict[str, Any],
+    regrow: dict[str, Any],
 ) -> waves.WaveState | WaveHandle:
-    """Wave 0: the dense model, with the gate's reference at its validation perplexity."""
+    """Wave 0: the dense model, with the gate's reference at its validation perplexity.
+    Healing settings that cannot fit the model fail here, before any wave."""
     sidecar = json.loads((Path(bundle.path) / SIDECAR).read_text()) if bundle.path else {}
     origin = sha256_json(
         {
             "model": sidecar.get("sha256"),
             "blocks": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in sorted(blocks.items())},
-            "decay": _decay_hash(decay),
+            "decay": _decay_hash(decay, heal, regrow),
         }
     )[:16]
+    heal_config = HealConfig.model_validate(heal)
+    if heal_config.enabled:
+        check_heal(bundle, heal_config)
     if resume is not None and resume.state_id == origin:
         return resume
     state = waves.start(bundle, {"ppl": quality["validation"]["ppl"], "kl": 0.0}, origin)
@@ -77,11 +93,13 @@ def decay_wave(
     blocks: dict[str, torch.Tensor],
     profile: dict[str, torch.Tensor],
     decay: dict[str, Any],
+    heal: dict[str, Any],
+    regrow: dict[str, Any],
     run: dict[str, Any],
 ) -> waves.WaveState | WaveHandle:
     """Prunes this wave's share (or restores a share of a rollback, or skips)."""
     wave = previous.info["wave"] + 1
-    expected = waves.chain_id(previous.state_id, _decay_hash(decay), wave)
+    expected = waves.chain_id(previous.state_id, _decay_hash(decay, heal, regrow), wave)
     if resume is not None and resume.state_id == expected:
         return resume
     config = DecayConfig.model_validate(decay)
@@ -96,14 +114,13 @@ def decay_wave(
     return state
 
 
-def heal_wave(state: waves.WaveState | WaveHandle) -> waves.WaveState | WaveHandle:
-    """Healing (LoRA that keeps the masks) plugs in here; until it lands, the state passes."""
-    return state
-
-
-def regrow_wave(state: waves.WaveState | WaveHandle) -> waves.WaveState | WaveHandle:
-    """Regrowth (RigL at constant density) plugs in here; until it lands, the state passes."""
-    return state
+def regrow_wave(
+    state: waves.WaveState | WaveHandle, blocks: dict[str, torch.Tensor], regrow: dict[str, Any], run: dict[str, Any]
+) -> waves.WaveState | WaveHandle:
+    """RigL regrowth after the wave's healing, at constant density."""
+    if isinstance(state, WaveHandle):
+        return state
+    return waves.regrow(state, RegrowConfig.model_validate(regrow), blocks["healing"], _device(run))
 
 
 def evaluate_wave(
@@ -121,13 +138,13 @@ def evaluate_wave(
 
 
 def gate_wave(
-    state: waves.WaveState | WaveHandle, decay: dict[str, Any]
+    state: waves.WaveState | WaveHandle, decay: dict[str, Any], heal: dict[str, Any], regrow: dict[str, Any]
 ) -> tuple[waves.WaveState | WaveHandle, dict[str, Any]]:
     """The stop-loss decision, and the wave's numbers for MLflow (one step per wave)."""
     if isinstance(state, WaveHandle):
         row = state.info["rows"][-1]
     else:
-        state = waves.gate(state, DecayConfig.model_validate(decay), _decay_hash(decay))
+        state = waves.gate(state, DecayConfig.model_validate(decay), _decay_hash(decay, heal, regrow))
         row = state.rows[-1]
     return state, wave_metrics(row)
 
@@ -144,6 +161,7 @@ def wave_metrics(row: dict[str, Any]) -> dict[str, Any]:
         "wave.decision_code": DECISION_CODES[row["decision"]],
         "wave.seconds": sum(row.get("seconds", {}).values()),
         "tags": {f"wave.{row['wave']}.decision": f"{row['decision']}: {row['reason']}"[:4000]},
+        "series": heal_series(f"heal.wave_{row['wave']}", row.get("heal")),
     }
 
 

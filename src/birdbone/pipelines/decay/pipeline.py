@@ -5,10 +5,12 @@
 
 from kedro.pipeline import Node, Pipeline
 
+from birdbone.pipelines.heal import nodes as heal_nodes
+
 from . import nodes
 
-SHARED = {"blocks", "teacher", "profile_tensors"}
-PARAMS = {"params:decay", "params:run"}
+SHARED = {"blocks", "teacher", "heal_teacher", "profile_tensors"}
+PARAMS = {"params:decay", "params:heal", "params:regrow", "params:run"}
 
 
 def wave_template() -> Pipeline:
@@ -16,25 +18,50 @@ def wave_template() -> Pipeline:
         [
             Node(
                 nodes.decay_wave,
-                ["previous", "resume", "blocks", "profile_tensors", "params:decay", "params:run"],
+                [
+                    "previous",
+                    "resume",
+                    "blocks",
+                    "profile_tensors",
+                    "params:decay",
+                    "params:heal",
+                    "params:regrow",
+                    "params:run",
+                ],
                 "live_decayed",
                 name="decay",
             ),
-            Node(nodes.heal_wave, "live_decayed", "live_healed", name="heal"),
-            Node(nodes.regrow_wave, "live_healed", "live_regrown", name="regrow"),
+            Node(
+                heal_nodes.heal_wave,
+                ["live_decayed", "blocks", "heal_teacher", "params:heal", "params:decay", "params:run"],
+                "live_healed",
+                name="heal",
+            ),
+            Node(
+                nodes.regrow_wave,
+                ["live_healed", "blocks", "params:regrow", "params:run"],
+                "live_regrown",
+                name="regrow",
+            ),
             Node(
                 nodes.evaluate_wave,
                 ["live_regrown", "blocks", "teacher", "params:decay", "params:run"],
                 "live_evaluated",
                 name="evaluate",
             ),
-            Node(nodes.gate_wave, ["live_evaluated", "params:decay"], ["state", "wave_metrics"], name="gate"),
+            Node(
+                nodes.gate_wave,
+                ["live_evaluated", "params:decay", "params:heal", "params:regrow"],
+                ["state", "wave_metrics"],
+                name="gate",
+            ),
         ]
     )
 
 
-def create_pipeline(waves: int = 0, **kwargs) -> Pipeline:
-    """``waves`` wave namespaces (0: an empty pipeline, decay off)."""
+def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipeline:
+    """``waves`` wave namespaces (0: an empty pipeline, decay off), then the compaction,
+    the report, and with ``final_heal`` the final heal of the compacted model."""
     if waves <= 0:
         return Pipeline([])
     parts = [
@@ -44,18 +71,32 @@ def create_pipeline(waves: int = 0, **kwargs) -> Pipeline:
             "teacher",
             name="cache_teacher",
         ),
+        Node(
+            heal_nodes.cache_heal_teacher,
+            ["baseline_model", "blocks", "params:heal", "params:run"],
+            "heal_teacher",
+            name="cache_heal_teacher",
+        ),
         Pipeline(
             [
                 Node(
                     nodes.start_decay,
-                    ["baseline_model", "baseline_quality", "blocks", "resume", "params:decay"],
+                    [
+                        "baseline_model",
+                        "baseline_quality",
+                        "blocks",
+                        "resume",
+                        "params:decay",
+                        "params:heal",
+                        "params:regrow",
+                    ],
                     "state",
                     name="start",
                 )
             ],
             namespace="wave_0",
             inputs={"baseline_model", "baseline_quality", "blocks"},
-            parameters={"params:decay"},
+            parameters={"params:decay", "params:heal", "params:regrow"},
         ),
     ]
     template = wave_template()
@@ -76,4 +117,12 @@ def create_pipeline(waves: int = 0, **kwargs) -> Pipeline:
         name="report_decay",
     )
     parts.append(Pipeline([compact, report], inputs={"last_wave": f"wave_{waves}.state", "blocks": "blocks"}))
+    if final_heal:
+        heal = Node(
+            heal_nodes.heal_final,
+            ["decayed_model", "last_wave", "blocks", "heal_teacher", "parameters"],
+            ["healed_model", "heal_report", "heal_plot", "heal_summary", "heal_metrics"],
+            name="heal_final",
+        )
+        parts.append(Pipeline([heal], inputs={"last_wave": f"wave_{waves}.state"}))
     return Pipeline(parts)

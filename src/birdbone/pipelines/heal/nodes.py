@@ -1,0 +1,143 @@
+"""Healing nodes: thin adapters from Kedro datasets and parameters to ``birdbone.core.heal``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from birdbone.config import DecayConfig, HealConfig, RunConfig, validate_recipe
+from birdbone.core import evaluate, modeling, plots, waves
+from birdbone.core.heal import heal_
+from birdbone.datasets import WaveHandle
+
+log = logging.getLogger(__name__)
+
+
+def _device(run: dict[str, Any]) -> torch.device:
+    return modeling.prepare_runtime(RunConfig.model_validate(run))
+
+
+def heal_series(prefix: str, heal: dict[str, Any] | None) -> dict[str, list[tuple[int, float]]]:
+    """A healing curve as MLflow series: ``<prefix>.loss`` and ``<prefix>.val_ppl`` by step."""
+    if not heal:
+        return {}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for point in heal["curve"]:
+        for key in ("loss", "val_ppl"):
+            if point.get(key) is not None:
+                out.setdefault(f"{prefix}.{key}", []).append((int(point["step"]), float(point[key])))
+    return out
+
+
+def _teacher(config: HealConfig, heal_teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    return heal_teacher if config.distill > 0 and heal_teacher else None
+
+
+def cache_heal_teacher(
+    bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], heal: dict[str, Any], run: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The dense model's top-k log-probabilities on the healing blocks (as healing crops
+    them), for distillation; empty when distillation is off."""
+    config = HealConfig.model_validate(heal)
+    if not config.enabled or config.distill <= 0:
+        return {}
+    device = _device(run)
+    healing = blocks["healing"][:, : config.block_length] if config.block_length else blocks["healing"]
+    return evaluate.teacher_topk(bundle.model.to(device), healing, config.distill_top_k, config.batch_size, device)
+
+
+def heal_wave(
+    state: waves.WaveState | WaveHandle,
+    blocks: dict[str, torch.Tensor],
+    heal_teacher: dict[str, torch.Tensor],
+    heal: dict[str, Any],
+    decay: dict[str, Any],
+    run: dict[str, Any],
+) -> waves.WaveState | WaveHandle:
+    """LoRA healing of a wave that pruned, before the gate judges it (masks kept)."""
+    if isinstance(state, WaveHandle):
+        return state
+    config = HealConfig.model_validate(heal)
+    total = len(DecayConfig.model_validate(decay).wave_targets())
+    validation = blocks["validation"]
+    return waves.heal(state, config, total, blocks["healing"], _teacher(config, heal_teacher), validation, _device(run))
+
+
+def heal_final(
+    decayed: modeling.ModelBundle,
+    last: WaveHandle,
+    blocks: dict[str, torch.Tensor],
+    heal_teacher: dict[str, torch.Tensor],
+    parameters: dict[str, Any],
+) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
+    """The longer heal of the decayed (compacted) model, its masks kept; the healed model,
+    the healing report (every wave's healing and this one), its curves, ``summary.json``'s
+    ``heal``, and the final numbers and curve for MLflow."""
+    recipe = validate_recipe(parameters, Path.cwd())
+    config = recipe.heal
+    device = modeling.prepare_runtime(recipe.run)
+    bundle = decayed
+    bundle.model.to(device)
+    batch = config.batch_size
+    before = {
+        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"before final heal ({k})")["ppl"]
+        for k in ("validation", "test")
+    }
+    report = heal_(
+        bundle,
+        bundle.masks,
+        blocks["healing"],
+        config,
+        config.final.steps,
+        config.final.lr,
+        _teacher(config, heal_teacher),
+        blocks["validation"],
+        device,
+        desc="final heal",
+    )
+    after = {
+        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after final heal ({k})")["ppl"]
+        for k in ("validation", "test")
+    }
+    bundle.origin = {**bundle.origin, "heal": "final", "heal_steps": config.final.steps}
+    rows = last.info["rows"]
+    curves = {f"wave {r['wave']}": r["heal"]["curve"] for r in rows if r.get("heal")}
+    curves["final"] = report.curve
+    waves_heal = [
+        {"wave": r["wave"], **{k: r["heal"][k] for k in ("steps", "lr", "seconds", "samples_trained", "stopped")}}
+        for r in rows
+        if r.get("heal")
+    ]
+    final = {
+        "ppl_val_before": before["validation"],
+        "ppl_test_before": before["test"],
+        "ppl_val": after["validation"],
+        "ppl_test": after["test"],
+        **{k: v for k, v in report.to_json().items() if k != "curve"},
+    }
+    log.info(
+        "final heal: %d steps in %.0f s, test perplexity %.3f -> %.3f%s",
+        report.steps,
+        report.seconds,
+        before["test"],
+        after["test"],
+        f" (stopped and undone: {report.stopped})" if report.stopped else "",
+    )
+    metrics = {f"heal.final.{k}": v for k, v in final.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    metrics["series"] = heal_series("heal.final", report.to_json())
+    return (
+        bundle,
+        {
+            "recipe_hash": recipe.hash(),
+            "config": config.model_dump(mode="json"),
+            "waves": waves_heal,
+            "final": {**final, "curve": report.curve},
+        },
+        plots.heal_figure(curves),
+        {"recipe_hash": recipe.hash(), "heal": {"waves": waves_heal, "final": final}},
+        metrics,
+    )

@@ -1,0 +1,93 @@
+"""LoRA healing on the tiny model: masks kept bit for bit, loss down, NaN undone, gating."""
+
+import pytest
+import torch
+
+from birdbone.config import HealConfig, UnstructuredPattern
+from birdbone.core import evaluate
+from birdbone.core.heal import check_heal, heal_
+from birdbone.core.masks import MaskSet
+from birdbone.core.prune import prune_
+from birdbone.errors import HealError
+from tests.conftest import blocks_of
+
+
+def patterned(count, length=32, seed=0):
+    """Learnable text: each block counts up by a block-specific stride (mod 97)."""
+    generator = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 97, (count, 1), generator=generator)
+    stride = torch.randint(1, 5, (count, 1), generator=generator)
+    return (start + stride * torch.arange(length)) % 97
+
+
+def weights(bundle):
+    return {f"{n}.weight": m.weight.detach().clone() for n, m in bundle.adapter.linears(bundle.model).items()}
+
+
+def pruned(bundle):
+    masks, _ = prune_(bundle, "wanda", UnstructuredPattern(kind="unstructured", sparsity=0.5), blocks_of(4, 512))
+    return masks
+
+
+def config(**extra):
+    base = {"steps": 30, "lr": 1e-2, "rank": 4, "batch_size": 4, "block_length": None, "eval_every": 10}
+    return HealConfig(**{**base, **extra})
+
+
+def test_healing_keeps_the_masks_bit_for_bit_and_lowers_the_loss(tiny_bundle):
+    masks = pruned(tiny_bundle)
+    data, validation = patterned(64), patterned(8, seed=5)
+    before = weights(tiny_bundle)
+    ppl_before = evaluate.perplexity(tiny_bundle.model, validation)["ppl"]
+    report = heal_(tiny_bundle, masks, data, config(), validation=validation)
+    after = weights(tiny_bundle)
+    assert report.merged and report.stopped is None
+    assert MaskSet.from_weights(after).equals(masks)  # same zeros, exactly: nothing pruned came back
+    assert all(not torch.equal(after[n], before[n]) for n in after)  # every targeted Linear moved
+    assert evaluate.perplexity(tiny_bundle.model, validation)["ppl"] < 0.9 * ppl_before
+    losses = [p["loss"] for p in report.curve if "loss" in p]
+    assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5])
+    assert [p["step"] for p in report.curve if "val_ppl" in p] == [0, 10, 20, 30]
+    assert report.samples_trained == report.samples_seen == 120
+
+
+def test_distillation_adds_the_kl_to_the_teacher(tiny_bundle):
+    data = patterned(16)
+    teacher = evaluate.teacher_topk(tiny_bundle.model, data, k=8)
+    masks = pruned(tiny_bundle)
+    report = heal_(tiny_bundle, masks, data, config(steps=4, distill=1.0), teacher=teacher)
+    assert all(p["loss"] == pytest.approx(p["ce"] + p["kl"], rel=1e-5) for p in report.curve if "loss" in p)
+
+
+def test_a_learning_rate_that_blows_up_is_stopped_and_undone(tiny_bundle):
+    masks = pruned(tiny_bundle)
+    before = weights(tiny_bundle)
+    settings = config(steps=10, warmup=0.0, max_grad_norm=1e30)
+    report = heal_(tiny_bundle, masks, patterned(32), settings, lr=1e20)  # the library takes any learning rate
+    assert report.stopped is not None and "non-finite" in report.stopped and not report.merged
+    after = weights(tiny_bundle)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_a_nan_loss_stops_healing_at_once(tiny_bundle):
+    data = patterned(16)
+    teacher = evaluate.teacher_topk(tiny_bundle.model, data, k=8)
+    teacher["logprob"][3, 5, 0] = float("nan")  # a corrupt cache entry
+    before = weights(tiny_bundle)
+    report = heal_(tiny_bundle, None, data, config(steps=30, distill=1.0, batch_size=16), teacher=teacher)
+    assert report.stopped.startswith("non-finite loss (nan) at step 1") and report.tokens_trained == 0
+    assert all(torch.equal(w, before[n]) for n, w in weights(tiny_bundle).items())
+
+
+def test_bad_lora_settings_are_named_before_compute(tiny_bundle):
+    with pytest.raises(HealError, match=r"heal.targets \['qkv_proj'\] match no Linear.*Fix: heal.targets"):
+        check_heal(tiny_bundle, config(targets=["qkv_proj"]))
+    with pytest.raises(HealError, match=r"heal.rank 40 is larger than .*k_proj \(32 x 64\).*Fix: heal.rank <= 32"):
+        check_heal(tiny_bundle, config(rank=40))
+
+
+def test_gating_holds_the_trained_share_near_its_target(tiny_bundle):
+    gating = {"enabled": True, "target_rate": 0.25}
+    report = heal_(tiny_bundle, None, patterned(64), config(steps=20, gating=gating, eval_every=0))
+    assert report.samples_trained == 80
+    assert 0.15 <= report.samples_trained / report.samples_seen <= 0.4
