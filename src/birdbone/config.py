@@ -607,6 +607,7 @@ class HealConfig(Stage):
           taper: true            # E_k = E_1 (1 - (k-1)/R), lr_k likewise (R: the decay waves)
           batch_size: 4
           block_length: 256      # tokens of each healing block trained on (null: the whole block)
+          pool_blocks: 256       # healing blocks drawn from (null: the whole healing split)
           distill: 0.0           # weight of the KL to the dense teacher's top-k logits (0: off)
           quantize: none         # nf4: QLoRA, 4-bit base weights (CUDA + bitsandbytes)
           final: {steps: 64, lr: 2.0e-4}
@@ -623,6 +624,7 @@ class HealConfig(Stage):
     warmup: Annotated[float, Field(ge=0, lt=1)] = 0.1
     batch_size: PositiveInt = 4
     block_length: Annotated[int, Field(ge=2)] | None = 256
+    pool_blocks: PositiveInt | None = 256  # healing blocks drawn from (the teacher covers these); null: all
     distill: Annotated[float, Field(ge=0)] = 0.0
     distill_top_k: Annotated[int, Field(ge=1, le=1024)] = 32
     compute_dtype: Literal["float32", "bfloat16"] = "float32"

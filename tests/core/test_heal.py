@@ -91,3 +91,19 @@ def test_gating_holds_the_trained_share_near_its_target(tiny_bundle):
     report = heal_(tiny_bundle, None, patterned(64), config(steps=20, gating=gating, eval_every=0))
     assert report.samples_trained == 80
     assert 0.15 <= report.samples_trained / report.samples_seen <= 0.4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA needs CUDA")
+def test_qlora_trains_on_4bit_and_merges_into_the_full_precision_weights(tiny_bundle):
+    masks = pruned(tiny_bundle)
+    data, validation = patterned(64), patterned(8, seed=5)
+    tiny_bundle.model.to("cuda")
+    ppl_before = evaluate.perplexity(tiny_bundle.model, validation, device="cuda")["ppl"]
+    settings = config(quantize="nf4", compute_dtype="bfloat16")
+    report = heal_(tiny_bundle, masks, data, settings, validation=validation, device="cuda")
+    assert report.merged and report.stopped is None
+    after = {n: w.cpu() for n, w in weights(tiny_bundle).items()}
+    assert all(w.dtype == torch.float32 for w in after.values())  # merged into full precision, not 4-bit
+    assert MaskSet.from_weights(after).equals(masks)
+    assert evaluate.perplexity(tiny_bundle.model, validation, device="cuda")["ppl"] < 0.9 * ppl_before

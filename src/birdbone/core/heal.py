@@ -10,6 +10,7 @@ samples worth a backward pass.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -133,6 +134,7 @@ class HealReport:
     steps: int
     lr: float
     seconds: float = 0.0
+    train_seconds: float = 0.0  # the optimizer steps alone (no curve points)
     samples_seen: int = 0
     samples_trained: int = 0
     tokens_trained: int = 0
@@ -144,22 +146,34 @@ class HealReport:
         return dict(vars(self))
 
 
+def healing_view(blocks: torch.Tensor, config: Any) -> torch.Tensor:
+    """The healing blocks as healing trains on them: the first ``pool_blocks``, cropped to
+    ``block_length`` tokens (what the distillation teacher must be computed on)."""
+    blocks = blocks[: config.pool_blocks] if config.pool_blocks else blocks
+    return blocks[:, : config.block_length] if config.block_length else blocks
+
+
 def _sample_order(count: int, seed: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed))
 
 
 class _Samples:
-    """Healing blocks in a seeded order, cycled, cropped to ``length`` tokens."""
+    """Healing blocks in a seeded order, cycled, cropped to ``length`` tokens; process
+    ``rank`` of ``world`` (data parallel) gets every ``world``-th of them."""
 
-    def __init__(self, blocks: torch.Tensor, length: int | None, seed: int):
+    def __init__(self, blocks: torch.Tensor, length: int | None, seed: int, rank: int = 0, world: int = 1):
         self.blocks = blocks[:, :length] if length else blocks
         self.order = _sample_order(blocks.shape[0], seed)
         self.position = 0
         self.epoch = 0
         self.seed = seed
+        self.rank, self.world = rank, world
 
     def take(self, count: int) -> torch.Tensor:
-        """Indices of the next ``count`` blocks."""
+        """Indices of this process's next ``count`` blocks."""
+        return self._take(count * self.world)[self.rank :: self.world]
+
+    def _take(self, count: int) -> torch.Tensor:
         out = []
         for _ in range(count):
             if self.position == len(self.order):
@@ -169,6 +183,22 @@ class _Samples:
             out.append(int(self.order[self.position]))
             self.position += 1
         return torch.tensor(out)
+
+
+def _everywhere(flag: bool, accelerator: Any) -> bool:
+    """``flag`` on every process (so all stop together)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return flag
+    return bool(
+        accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum") == accelerator.num_processes
+    )
+
+
+def _smallest(value: int, accelerator: Any) -> int:
+    if accelerator is None or accelerator.num_processes == 1:
+        return value
+    gathered = accelerator.gather(torch.tensor([value], device=accelerator.device))
+    return int(gathered.min())
 
 
 def _inject(model: nn.Module, names: list[str], config: Any) -> nn.Module:
@@ -209,6 +239,8 @@ def heal_(
     validation: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     desc: str = "heal",
+    seconds: float | None = None,
+    accelerator: Any = None,
 ) -> HealReport:
     """Trains LoRA adapters on ``blocks`` (the healing split) and merges them into
     ``bundle.model`` with ``masks`` re-applied; in place.
@@ -217,10 +249,17 @@ def heal_(
         config: the ``HealConfig`` (targets, rank, alpha, batch, distillation, gating).
         steps, lr: this healing's optimizer steps and peak learning rate (default: the
             config's ``steps`` and ``lr``; waves pass their tapered values).
-        teacher: the dense model's ``evaluate.teacher_topk`` on ``blocks`` cropped to
-            ``config.block_length``, for the distillation term (``config.distill > 0``).
+        blocks: the healing split; the first ``config.pool_blocks`` are used.
+        teacher: the dense model's ``evaluate.teacher_topk`` on those blocks cropped to
+            ``config.block_length`` (``healing_view``), for distillation (``config.distill > 0``).
         validation: blocks the healing curve is measured on every ``config.eval_every``
             steps (the model with its adapters, before the merge).
+        seconds: a wall-time budget instead of a step count: after two steps the step
+            count becomes what fits (at most ``steps``), and the learning-rate schedule
+            follows it (curve points are not counted against it).
+        accelerator: an ``accelerate.Accelerator`` (``accelerate launch``: data parallel
+            over its processes, each on its own samples, gradients averaged); None: this
+            process alone.
 
     Returns:
         A ``HealReport``. A non-finite loss or adapter stops the healing, leaves the
@@ -228,6 +267,7 @@ def heal_(
     """
     steps = config.steps if steps is None else steps
     lr = config.lr if lr is None else lr
+    blocks = blocks[: config.pool_blocks] if config.pool_blocks else blocks
     report = HealReport(steps=steps, lr=lr)
     if steps <= 0 or blocks.shape[0] == 0:
         return report
@@ -244,12 +284,19 @@ def heal_(
     torch.manual_seed(config.seed)
     model = bundle.model
     was_training = model.training
-    peft_model = _inject(model, sorted(linears), config)
-    samples = _Samples(blocks, length, config.seed)
+    # QLoRA trains against a 4-bit copy; the merge still goes into the full-precision weights
+    train_model = quantized_copy(model, sorted(linears), device) if config.quantize == "nf4" else model
+    peft_model = _inject(train_model, sorted(linears), config)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    samples = _Samples(blocks, length, config.seed, rank, world)
     gate = SignificanceGate(config.gating) if config.gating.enabled else None
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, config.warmup))
+    forward = peft_model
+    if accelerator is not None:
+        forward, optimizer = accelerator.prepare(peft_model, optimizer)
+    plan = {"steps": steps}  # the schedule's length; a time budget shortens it after two steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, plan["steps"], config.warmup))
     autocast = torch.autocast(
         torch.device(device).type, dtype=torch.bfloat16, enabled=config.compute_dtype == "bfloat16"
     )
@@ -259,12 +306,16 @@ def heal_(
     if first is not None:
         report.curve.append({"step": 0, "val_ppl": first})
     progress = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    train_seconds = 0.0
     try:
         for step in progress:
-            index = _next_batch(peft_model, samples, gate, config, autocast, device)
+            if step >= plan["steps"]:
+                break
+            step_start = time.perf_counter()
+            index = _next_batch(forward, samples, gate, config, autocast, device)
             ids = samples.blocks[index].to(device)
             with autocast:
-                logits = peft_model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                logits = forward(input_ids=ids, use_cache=False).logits[:, :-1].float()
             targets = ids[:, 1:]
             ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
             loss = ce
@@ -273,16 +324,27 @@ def heal_(
                 logprob, top = (teacher[key][index].to(device) for key in ("logprob", "index"))
                 kl = evaluate.topk_kl(logprob, top, logits).mean()
                 loss = ce + config.distill * kl
-            if not torch.isfinite(loss):
+            if not _everywhere(bool(torch.isfinite(loss)), accelerator):
                 report.stopped = f"non-finite loss ({float(loss)}) at step {step + 1} with lr {lr:g}"
                 break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if accelerator is not None:
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             report.tokens_trained += targets.numel()
             report.samples_trained += int(index.numel())
+            train_seconds += time.perf_counter() - step_start
+            if seconds is not None and step >= 1:  # re-estimated each step from the mean so far
+                fits = max(step + 1, min(steps, int(seconds / (train_seconds / (step + 1)))))
+                plan["steps"] = _smallest(fits, accelerator)  # every process stops at the same step
+                report.steps = plan["steps"]
+                progress.total = plan["steps"]
+                progress.refresh()
             point = {
                 "step": step + 1,
                 "loss": float(loss.detach()),
@@ -291,7 +353,7 @@ def heal_(
             }
             if kl is not None:
                 point["kl"] = float(kl.detach())
-            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == steps):
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == plan["steps"]):
                 point["val_ppl"] = _curve_ppl(peft_model, curve_blocks, config.batch_size, device)
             report.curve.append(point)
             progress.set_postfix(loss=f"{point['loss']:.3f}")
@@ -299,12 +361,18 @@ def heal_(
             report.stopped = "non-finite adapter weights after training"
         deltas = {} if report.stopped else _deltas(peft_model, linears)
         broken = [
-            name for name, d in deltas.items() if not bool(torch.isfinite(linears[name].weight.float() + d).all())
+            name
+            for name, d in deltas.items()
+            if not bool(torch.isfinite(linears[name].weight.float() + d.to(linears[name].weight.device)).all())
         ]
         if broken:
             report.stopped = f"non-finite weights after merging into {broken[0]} (learning rate {lr:g} too high?)"
     finally:
-        peft_model.unload()  # the original Linears back, their weights untouched
+        if train_model is model:
+            peft_model.unload()  # the original Linears back, their weights untouched
+        else:
+            del peft_model, train_model  # the 4-bit copy goes; the model was never touched
+            torch.cuda.empty_cache()
         model.train(was_training)
     if report.stopped:
         log.warning("%s stopped and undone: %s", desc, report.stopped)
@@ -312,6 +380,7 @@ def heal_(
         _merge_(linears, deltas, masks)
         report.merged = True
     report.samples_seen = gate.seen if gate is not None else report.samples_trained
+    report.train_seconds = train_seconds
     report.seconds = time.perf_counter() - start
     return report
 
@@ -341,6 +410,38 @@ def _next_batch(
         if tries >= 16 and not chosen:  # the controller will lower the threshold; never stall
             chosen.extend(candidates[:1].tolist())
     return torch.tensor(chosen[: config.batch_size])
+
+
+def quantized_copy(model: nn.Module, names: list[str], device: torch.device | str) -> nn.Module:
+    """A copy of ``model`` on ``device`` whose Linears ``names`` hold NF4 4-bit weights
+    (bitsandbytes, double quantization, bfloat16 compute), the rest in bfloat16: the frozen
+    base QLoRA trains its adapters against."""
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    if torch.device(device).type != "cuda":
+        raise HealError("heal.quantize: nf4 (QLoRA) runs on CUDA only. Fix: run.device: cuda, or heal.quantize: none")
+    copy_ = copy.deepcopy(model).to(torch.bfloat16)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = copy_.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        quantized = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=torch.bfloat16,
+            quant_type="nf4",
+            compress_statistics=True,
+        )
+        quantized.weight = bnb.nn.Params4bit(
+            linear.weight.data.float().cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+        )
+        if linear.bias is not None:
+            quantized.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        setattr(parent, attr, quantized)
+    copy_ = copy_.to(device)  # Params4bit quantizes as it moves to the GPU
+    return prepare_model_for_kbit_training(copy_, use_gradient_checkpointing=False)
 
 
 @torch.no_grad()

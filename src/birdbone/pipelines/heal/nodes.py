@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from birdbone.config import DecayConfig, HealConfig, RunConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, waves
-from birdbone.core.heal import heal_
+from birdbone.core.heal import heal_, healing_view
 from birdbone.datasets import WaveHandle
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def cache_heal_teacher(
     if not config.enabled or config.distill <= 0:
         return {}
     device = _device(run)
-    healing = blocks["healing"][:, : config.block_length] if config.block_length else blocks["healing"]
+    healing = healing_view(blocks["healing"], config)
     return evaluate.teacher_topk(bundle.model.to(device), healing, config.distill_top_k, config.batch_size, device)
 
 

@@ -1,0 +1,106 @@
+"""``birdbone``: commands beside ``kedro run``.
+
+    birdbone heal models/decayed --out models/healed-more [--env base] [--steps N] [--lr X]
+
+``heal`` heals a model directory (its ``masks.safetensors`` kept) with the recipe's
+``heal`` settings on the run's healing blocks. It runs unchanged under ``accelerate
+launch`` (data parallel over the launched processes; the main process writes the result):
+
+    accelerate launch --num_processes 4 -m birdbone.cli heal models/decayed --out models/healed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("birdbone.cli")
+
+
+def _parameters(conf: Path, env: str) -> dict[str, Any]:
+    from kedro.config import OmegaConfigLoader
+
+    loader = OmegaConfigLoader(str(conf), base_env="base", default_run_env=env)
+    return dict(loader["parameters"])
+
+
+def heal(args: argparse.Namespace) -> int:
+    """Heals ``args.model`` into ``args.out``; returns the exit status."""
+    import torch
+    from accelerate import Accelerator
+
+    from birdbone.config import HealConfig, RunConfig
+    from birdbone.core import evaluate, modeling
+    from birdbone.core.heal import heal_
+    from birdbone.core.io import write_json_atomic
+    from birdbone.datasets import ModelDataset, TensorsDataset
+
+    params = _parameters(args.conf, args.env)
+    config = HealConfig.model_validate({**params.get("heal", {}), "enabled": True})
+    run = RunConfig.model_validate(params.get("run", {}))
+    cpu = run.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu)
+    device = accelerator.device
+    modeling.prepare_runtime(run.model_copy(update={"device": "cpu" if cpu else "cuda"}))
+    bundle = ModelDataset(str(args.model)).load()
+    blocks = TensorsDataset(str(args.blocks)).load()
+    teacher = TensorsDataset(str(args.teacher)).load() if config.distill > 0 and args.teacher.is_file() else None
+    if config.distill > 0 and teacher is None:
+        log.warning("no teacher logits at %s: healing without distillation", args.teacher)
+        config = config.model_copy(update={"distill": 0.0})
+    bundle.model.to(device)
+    steps = args.steps if args.steps is not None else config.final.steps
+    lr = args.lr if args.lr is not None else config.final.lr
+    report = heal_(
+        bundle,
+        bundle.masks,
+        blocks["healing"],
+        config,
+        steps,
+        lr,
+        teacher,
+        blocks["validation"],
+        device,
+        desc="heal",
+        accelerator=accelerator,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        test = evaluate.perplexity(bundle.model, blocks["test"], config.batch_size, device, "test")["ppl"]
+        bundle.origin = {**bundle.origin, "heal": {"steps": report.steps, "lr": lr, "from": str(args.model)}}
+        bundle.model.to("cpu")
+        ModelDataset(str(args.out)).save(bundle)
+        summary = {**{k: v for k, v in report.to_json().items() if k != "curve"}, "ppl_test": test}
+        summary["processes"] = accelerator.num_processes
+        write_json_atomic(Path(args.out) / "heal.json", {**summary, "curve": report.curve})
+        print(json.dumps(summary, indent=2))
+    return 1 if report.stopped else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
+    parser = argparse.ArgumentParser(prog="birdbone", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("heal", help="heal a model directory, masks kept (runs under accelerate launch)")
+    cmd.add_argument("model", type=Path, help="a bird-bone model directory (models/decayed, a wave, ...)")
+    cmd.add_argument("--out", type=Path, required=True, help="where the healed model directory goes")
+    cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
+    cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
+    cmd.add_argument("--blocks", type=Path, default=Path("data/03_primary/blocks.safetensors"))
+    cmd.add_argument("--teacher", type=Path, default=Path("data/04_feature/heal_teacher_topk.safetensors"))
+    cmd.add_argument("--steps", type=int, help="optimizer steps (default: heal.final.steps)")
+    cmd.add_argument("--lr", type=float, help="peak learning rate (default: heal.final.lr)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "heal":
+        return heal(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""``birdbone heal`` through ``accelerate launch`` with one CPU process: the healed model
+directory keeps the masks and says how it was made."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from birdbone.config import UnstructuredPattern
+from birdbone.core.masks import MaskSet
+from birdbone.core.prune import prune_
+from birdbone.datasets import ModelDataset, TensorsDataset
+from tests.conftest import blocks_of
+from tests.core.test_heal import patterned
+
+
+def test_heal_runs_under_accelerate_launch_and_keeps_the_masks(project, tiny_bundle):
+    masks, _ = prune_(tiny_bundle, "wanda", UnstructuredPattern(kind="unstructured", sparsity=0.5), blocks_of(4, 512))
+    tiny_bundle.masks = masks
+    tiny_bundle.origin = {"test": True}
+    ModelDataset("models/pruned").save(tiny_bundle)
+    TensorsDataset("data/03_primary/blocks.safetensors").save(
+        {"healing": patterned(32), "validation": patterned(4, seed=5), "test": patterned(4, seed=6)}
+    )
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = [*launch, "-m", "birdbone.cli", "heal", "models/pruned", "--out", "models/healed", "--env", "test"]
+    done = subprocess.run([*command, "--steps", "6"], cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    healed = ModelDataset("models/healed").load()
+    assert healed.masks.equals(masks)
+    weights = {f"{n}.weight": m.weight for n, m in healed.adapter.linears(healed.model).items()}
+    assert MaskSet.from_weights(weights).equals(masks)
+    before = {f"{n}.weight": m.weight for n, m in tiny_bundle.adapter.linears(tiny_bundle.model).items()}
+    assert not any(torch.equal(weights[n], before[n]) for n in weights)
+    report = json.loads((project / "models/healed/heal.json").read_text())
+    assert report["processes"] == 1 and report["steps"] == 6 and report["merged"] and report["ppl_test"] > 0
