@@ -81,6 +81,13 @@ def main() -> int:
         "text, so its test split measures healing plus adaptation to that text; this one does not)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/heal.json"))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace the rows measured now in the JSON at --out, keep the others (the one-shot numbers "
+        "must match the stored ones: the pruning is deterministic)",
+    )
+    parser.add_argument("--match-steps", type=int, help="steps for a '(... steps)' setting run without its pair")
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out")
     args = parser.parse_args()
     if args.plot_only:
@@ -174,10 +181,13 @@ def main() -> int:
                 row["steps"],
             )
             rows.append(row)
+    commands = [" ".join(["bench/heal.py", *sys.argv[1:]])]
+    if args.merge and args.out.is_file():
+        rows, commands = merge_rows(json.loads(args.out.read_text()), rows, commands)
     report = {
         "machine": machine(),
         "date": dt.date.today().isoformat(),
-        "command": " ".join(["bench/heal.py", *sys.argv[1:]]),
+        "commands": commands,
         "budget_seconds": args.budget,
         "heal": heal.model_dump(mode="json"),
         "test_tokens": int(test.numel()),
@@ -189,6 +199,20 @@ def main() -> int:
     write_bytes_atomic(args.out.with_suffix(".png"), figure_png(report))
     print(table(rows))
     return check(rows)
+
+
+def merge_rows(
+    stored: dict[str, Any], rows: list[dict[str, Any]], commands: list[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The stored rows with those measured now replacing (or joining) them."""
+    for row in rows:
+        same = next((o for o in stored["rows"] if o["pattern"] == row["pattern"]), None)
+        if same and abs(same["ppl_oneshot"] - row["ppl_oneshot"]) > 1e-6:
+            raise SystemExit(f"one-shot perplexity {row['ppl_oneshot']} differs from the stored {same['ppl_oneshot']}")
+    key = lambda r: (r["pattern"], r["setting"])  # noqa: E731
+    now = {key(r): r for r in rows}
+    merged = [now.pop(key(o), o) for o in stored["rows"]] + list(now.values())
+    return merged, stored.get("commands", []) + commands
 
 
 def other_blocks(path: Path, tokenizer: Any, count: int) -> torch.Tensor | None:
@@ -224,12 +248,12 @@ def heal_setting(
     steps = None
     if "distill" in setting:
         config = heal.model_copy(update={"distill": 1.0})
-    if "gating" in setting:
+    if setting.startswith("lora+gating"):
         config = config.model_copy(update={"gating": heal.gating.model_copy(update={"enabled": True})})
     if setting == "lora (gating's steps)":
-        steps, seconds = steps_of.get("unstructured/lora+gating"), None
+        steps, seconds = steps_of.get("unstructured/lora+gating", args.match_steps), None
     if setting == "lora+gating (lora's steps)":
-        steps, seconds = steps_of.get("unstructured/lora"), None
+        steps, seconds = steps_of.get("unstructured/lora", args.match_steps), None
     if ("steps)" in setting) and steps is None:
         raise SystemExit(f"{setting} needs the setting it matches in the same run")
     teacher_here = teacher if config.distill > 0 else None
@@ -286,14 +310,21 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def check(rows: list[dict[str, Any]]) -> int:
-    """The issue's target: at least half of the loss recovered at 50 % unstructured."""
-    best = max((r for r in rows if r["pattern"] == "unstructured"), key=lambda r: r["recovered"], default=None)
+    """The issue's target: at least half of the loss recovered at 50 % unstructured, on the
+    default text's test split and, when measured, on the other text too (healing trains on
+    the default text, so its own test split also rewards adapting to it)."""
+
+    def both(r: dict[str, Any]) -> float:
+        return min(r["recovered"], r["other_text"]["recovered"]) if r.get("other_text") else r["recovered"]
+
+    best = max((r for r in rows if r["pattern"] == "unstructured"), key=both, default=None)
     if best is None:
         return 0
-    ok = best["recovered"] >= 0.5
+    ok = both(best) >= 0.5
+    other = f", other text {100 * best['other_text']['recovered']:.0f} %" if best.get("other_text") else ""
     print(
-        f"target: healing recovers >= 50 % of the perplexity 50 % unstructured pruning lost: "
-        f"{'met' if ok else 'NOT met'} ({best['setting']}: {100 * best['recovered']:.0f} %)"
+        "target: healing recovers >= 50 % of the perplexity 50 % unstructured pruning lost: "
+        f"{'met' if ok else 'NOT met'} ({best['setting']}: test split {100 * best['recovered']:.0f} %{other})"
     )
     if not all(r.get("masks_kept", True) for r in rows):
         print("a healing changed the masks")

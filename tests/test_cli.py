@@ -25,7 +25,7 @@ def test_heal_runs_under_accelerate_launch_and_keeps_the_masks(project, tiny_bun
     )
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command = [*launch, "-m", "birdbone.cli", "heal", "models/pruned", "--out", "models/healed", "--env", "test"]
+    command = [*launch, "-m", "birdbone.console", "heal", "models/pruned", "--out", "models/healed", "--env", "test"]
     done = subprocess.run([*command, "--steps", "6"], cwd=project, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     healed = ModelDataset("models/healed").load()

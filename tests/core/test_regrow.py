@@ -5,6 +5,7 @@ import torch
 
 from birdbone.config import DecayConfig, UnstructuredPattern
 from birdbone.core import waves
+from birdbone.core.profile import gradient_magnitude
 from birdbone.core.prune import prune_
 from birdbone.core.regrow import regrow_
 from tests.conftest import blocks_of
@@ -14,6 +15,7 @@ def test_regrowth_swaps_connections_at_constant_density(tiny_bundle):
     masks, _ = prune_(tiny_bundle, "wanda", UnstructuredPattern(kind="unstructured", sparsity=0.5), blocks_of(4, 512))
     linears = {f"{n}.weight": m.weight for n, m in tiny_bundle.adapter.linears(tiny_bundle.model).items()}
     before = {n: w.detach().clone() for n, w in linears.items()}
+    gradients = gradient_magnitude(tiny_bundle, blocks_of(2, 512, seed=4))
     new, report = regrow_(tiny_bundle, masks, blocks_of(2, 512, seed=4), 0.05)
     assert report["swapped"] > 0
     for name, mask in masks.items():
@@ -24,8 +26,9 @@ def test_regrowth_swaps_connections_at_constant_density(tiny_bundle):
         assert bool((linears[name][grown] == 0).all())  # regrown start at zero
         assert bool((linears[name][dropped] == 0).all())
         kept = mask & ~dropped
-        if dropped.any():  # the dropped were the weakest active weights
-            assert before[name][dropped].abs().max() <= before[name][kept].abs().min()
+        if dropped.any():  # the dropped were the active weights of least |W * dL/dW|
+            taylor = (before[name] * gradients[name]).abs()
+            assert taylor[dropped].max() <= taylor[kept].min()
 
 
 def test_a_wave_with_regrowth_is_undone_to_the_exact_masks(tiny_bundle):

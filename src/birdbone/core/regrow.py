@@ -3,7 +3,11 @@ weakest active connections for the pruned ones the loss wants most.
 
 Per Linear: the ``k = fraction * pruned`` pruned connections with the largest gradient
 magnitude E|dL/dW| (on healing blocks) are re-activated at zero, and the ``k`` active ones
-with the smallest |W| are removed, so every layer keeps exactly its number of weights.
+that matter least are removed, so every layer keeps exactly its number of weights. RigL
+drops the smallest |W|; in a language model that removes the small weights of the
+outlier input features, which carry much of the signal (the reason Wanda beats magnitude
+pruning), so the drop score here is the first-order Taylor estimate |W * dL/dW| from the
+same gradients.
 Only unstructured masks regrow: N:M groups and whole units have no single connection to
 swap.
 """
@@ -48,8 +52,8 @@ def regrow_(
         flat_mask = mask.reshape(-1)
         grad = gradients[name].reshape(-1).cpu().masked_fill(flat_mask, float("-inf"))
         grow = grad.topk(count).indices
-        magnitude = weight.detach().reshape(-1).abs().float().cpu().masked_fill(~flat_mask, float("inf"))
-        drop = magnitude.topk(count, largest=False).indices
+        taylor = (weight.detach().reshape(-1).float().cpu() * gradients[name].reshape(-1).cpu()).abs()
+        drop = taylor.masked_fill(~flat_mask, float("inf")).topk(count, largest=False).indices
         new = flat_mask.clone()
         new[drop] = False
         new[grow] = True

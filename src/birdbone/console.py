@@ -1,4 +1,5 @@
-"""``birdbone``: commands beside ``kedro run``.
+"""``birdbone``: commands beside ``kedro run`` (not ``cli.py``: Kedro reserves that module
+of a project for its own CLI plugins).
 
     birdbone heal models/decayed --out models/healed-more [--env base] [--steps N] [--lr X]
 
@@ -6,7 +7,7 @@
 ``heal`` settings on the run's healing blocks. It runs unchanged under ``accelerate
 launch`` (data parallel over the launched processes; the main process writes the result):
 
-    accelerate launch --num_processes 4 -m birdbone.cli heal models/decayed --out models/healed
+    accelerate launch --num_processes 4 -m birdbone.console heal models/decayed --out models/healed
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("birdbone.cli")
+log = logging.getLogger("birdbone.console")
 
 
 def _parameters(conf: Path, env: str) -> dict[str, Any]:
