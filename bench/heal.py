@@ -341,19 +341,26 @@ def figure_png(report: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    ax = axes[0]
+    fig, axes = plt.subplots(1, 3, figsize=(20, 5.5))
     labels = [f"{r['pattern']}\n{r['setting']}" for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["ppl_oneshot"] for r in rows], 0.4, label="one-shot", color="#c44")
-    ax.bar([i + 0.2 for i in x], [r["ppl_healed"] for r in rows], 0.4, label="healed", color="#48c")
-    if rows:
-        ax.axhline(rows[0]["ppl_dense"], color="k", ls="--", lw=1, label="dense")
-    ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel="test perplexity", title=f"Healing within {report['budget_seconds']:.0f} s of CPU (2 cores)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    ax = axes[1]
+    texts = [
+        ("the default text's test split", lambda r: r),
+        ("other text (never trained on)", lambda r: r.get("other_text")),
+    ]
+    for ax, (title, pick) in zip(axes[:2], texts, strict=True):
+        if not all(pick(r) for r in rows):
+            ax.axis("off")
+            continue
+        ax.bar([i - 0.2 for i in x], [pick(r)["ppl_oneshot"] for r in rows], 0.4, label="one-shot", color="#c44")
+        ax.bar([i + 0.2 for i in x], [pick(r)["ppl_healed"] for r in rows], 0.4, label="healed", color="#48c")
+        if rows:
+            ax.axhline(pick(rows[0])["ppl_dense"], color="k", ls="--", lw=1, label="dense")
+        ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=7)
+        ax.set(ylabel="perplexity", title=f"{title}: healing within {report['budget_seconds']:.0f} s (2 cores)")
+        ax.legend()
+        ax.grid(axis="y", alpha=0.3)
+    ax = axes[2]
     for r in rows:
         points = [(p["step"], p["val_ppl"]) for p in r["curve"] if p.get("val_ppl") is not None]
         if points:
