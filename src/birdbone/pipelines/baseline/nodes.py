@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 from birdbone.config import BaselineConfig, DataConfig, ModelConfig, RunConfig, validate_recipe
 from birdbone.core import data, evaluate, modeling, plots, spectra, speed, tasks
+from birdbone.pipelines import runtime
 
 
 def build_blocks(model: dict[str, Any], text: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -22,7 +23,7 @@ def build_blocks(model: dict[str, Any], text: dict[str, Any]) -> tuple[dict[str,
 def import_model(model: dict[str, Any], run: dict[str, Any], blocks: dict[str, torch.Tensor]) -> modeling.ModelBundle:
     """Loads the source model and checks that the token blocks fit its vocabulary."""
     config = ModelConfig.model_validate(model)
-    modeling.prepare_runtime(RunConfig.model_validate(run))
+    runtime(run)
     bundle = modeling.load_model(config.source, config.dtype)
     modeling.check_vocabulary(bundle, max(int(t.max()) for t in blocks.values() if t.numel()))
     return bundle
@@ -32,7 +33,7 @@ def measure_quality(
     bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], baseline: dict[str, Any], run: dict[str, Any]
 ) -> dict[str, Any]:
     """Token-weighted perplexity on the validation and test splits."""
-    device = modeling.prepare_runtime(RunConfig.model_validate(run))
+    device = runtime(run)
     model = bundle.model.to(device)
     batch = BaselineConfig.model_validate(baseline).batch_size
     return {
@@ -43,7 +44,7 @@ def measure_quality(
 
 def score_tasks(bundle: modeling.ModelBundle, baseline: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     """Scores every task file of ``baseline.tasks``."""
-    device = modeling.prepare_runtime(RunConfig.model_validate(run))
+    device = runtime(run)
     model = bundle.model.to(device)
     results = {}
     for task in BaselineConfig.model_validate(baseline).tasks:
@@ -61,7 +62,7 @@ def measure_speed(
     bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], baseline: dict[str, Any], run: dict[str, Any]
 ) -> dict[str, Any]:
     """Decode and prefill tokens/s on the run's device."""
-    device = modeling.prepare_runtime(RunConfig.model_validate(run))
+    device = runtime(run)
     config = BaselineConfig.model_validate(baseline).speed
     return speed.measure_speed(bundle.model.to(device), blocks["test"].reshape(-1), config, device)
 

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from birdbone.config import DecayConfig, HealConfig, RegrowConfig, RunConfig, validate_recipe
+from birdbone.config import DecayConfig, HealConfig, RegrowConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, structure, waves
 from birdbone.core.heal import check_heal
 from birdbone.core.io import sha256_json
 from birdbone.core.prune.structured import compact_
 from birdbone.datasets import SIDECAR, WaveHandle
+from birdbone.pipelines import runtime
 from birdbone.pipelines.heal.nodes import heal_series
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,12 @@ def _decay_hash(decay: dict[str, Any], heal: dict[str, Any], regrow: dict[str, A
     )
 
 
-def _device(run: dict[str, Any]) -> torch.device:
-    return modeling.prepare_runtime(RunConfig.model_validate(run))
-
-
 def cache_teacher(
     bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], decay: dict[str, Any], run: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """The dense model's top-k next-token log-probabilities on the validation split, once."""
     config = DecayConfig.model_validate(decay)
-    device = _device(run)
+    device = runtime(run)
     return evaluate.teacher_topk(
         bundle.model.to(device), blocks["validation"], config.gate.kl_top_k, config.batch_size, device
     )
@@ -105,7 +102,7 @@ def decay_wave(
     config = DecayConfig.model_validate(decay)
     calibration = blocks["calibration"][: config.calibration_blocks]
     importance = {k.removesuffix(".input_norm") + ".weight": v for k, v in profile.items() if k.endswith(".input_norm")}
-    device = _device(run)
+    device = runtime(run)
     state = previous.state()
     state.bundle.model.to(device)
     state = waves.decay(state, wave, config, calibration, importance or None, device)
@@ -120,7 +117,7 @@ def regrow_wave(
     """RigL regrowth after the wave's healing, at constant density."""
     if isinstance(state, WaveHandle):
         return state
-    return waves.regrow(state, RegrowConfig.model_validate(regrow), blocks["healing"], _device(run))
+    return waves.regrow(state, RegrowConfig.model_validate(regrow), blocks["healing"], runtime(run))
 
 
 def evaluate_wave(
@@ -134,7 +131,7 @@ def evaluate_wave(
     if isinstance(state, WaveHandle):
         return state
     batch = DecayConfig.model_validate(decay).batch_size
-    return waves.evaluate_state(state, blocks["validation"], teacher, batch, _device(run))
+    return waves.evaluate_state(state, blocks["validation"], teacher, batch, runtime(run))
 
 
 def gate_wave(
@@ -197,7 +194,7 @@ def report_decay(
     recipe = validate_recipe(parameters, Path.cwd())
     assert recipe.decay is not None
     rows, gate = last.info["rows"], last.info["gate"]
-    device = _device(run)
+    device = runtime(run)
     model = decayed.model.to(device)
     test = evaluate.perplexity(model, blocks["test"], recipe.decay.batch_size, device, "final test")
     assert decayed.path is not None

@@ -9,16 +9,13 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from birdbone.config import DecayConfig, HealConfig, RunConfig, validate_recipe
+from birdbone.config import DecayConfig, HealConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, waves
 from birdbone.core.heal import heal_, healing_view
 from birdbone.datasets import WaveHandle
+from birdbone.pipelines import runtime
 
 log = logging.getLogger(__name__)
-
-
-def _device(run: dict[str, Any]) -> torch.device:
-    return modeling.prepare_runtime(RunConfig.model_validate(run))
 
 
 def heal_series(prefix: str, heal: dict[str, Any] | None) -> dict[str, list[tuple[int, float]]]:
@@ -45,7 +42,7 @@ def cache_heal_teacher(
     config = HealConfig.model_validate(heal)
     if not config.enabled or config.distill <= 0:
         return {}
-    device = _device(run)
+    device = runtime(run)
     healing = healing_view(blocks["healing"], config)
     return evaluate.teacher_topk(bundle.model.to(device), healing, config.distill_top_k, config.batch_size, device)
 
@@ -64,7 +61,7 @@ def heal_wave(
     config = HealConfig.model_validate(heal)
     total = len(DecayConfig.model_validate(decay).wave_targets())
     validation = blocks["validation"]
-    return waves.heal(state, config, total, blocks["healing"], _teacher(config, heal_teacher), validation, _device(run))
+    return waves.heal(state, config, total, blocks["healing"], _teacher(config, heal_teacher), validation, runtime(run))
 
 
 def heal_final(

@@ -7,16 +7,17 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from birdbone.config import ProfileConfig, RunConfig
+from birdbone.config import ProfileConfig
 from birdbone.core import modeling, plots
 from birdbone.core.profile import profile_usage
+from birdbone.pipelines import runtime
 
 
 def profile_model(
     bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], profile: dict[str, Any], run: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Walks the calibration split through the model, block by block, recording usage."""
-    device = modeling.prepare_runtime(RunConfig.model_validate(run))
+    device = runtime(run)
     bundle.model.to(device)
     return profile_usage(bundle, blocks["calibration"], ProfileConfig.model_validate(profile), device)
 
