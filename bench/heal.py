@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_quality import machine  # noqa: E402
 
 from birdbone.config import DataConfig, DefaultModel, HealConfig, MLPChannelsPattern, UnstructuredPattern  # noqa: E402
-from birdbone.core import data, evaluate, modeling  # noqa: E402
+from birdbone.core import data, evaluate, modeling, plots  # noqa: E402
 from birdbone.core.heal import heal_, healing_view  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 from birdbone.core.masks import MaskSet  # noqa: E402
@@ -333,7 +333,6 @@ def check(rows: list[dict[str, Any]]) -> int:
 
 
 def figure_png(report: dict[str, Any]) -> bytes:
-    import io
 
     import matplotlib
 
@@ -369,10 +368,7 @@ def figure_png(report: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return plots.png_bytes(fig)
 
 
 if __name__ == "__main__":

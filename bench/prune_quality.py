@@ -38,7 +38,7 @@ from birdbone.config import (
     SpeedConfig,
     UnstructuredPattern,
 )
-from birdbone.core import data, evaluate, modeling, speed
+from birdbone.core import data, evaluate, modeling, plots, speed
 from birdbone.core.io import write_bytes_atomic, write_json_atomic
 from birdbone.core.prune import prune_
 from birdbone.core.prune.structured import prune_structure_
@@ -353,7 +353,6 @@ def main() -> int:
 
 def figure_png(rows: list[dict], dense: float) -> bytes:
     """Horizontal bars: perplexity (log scale, dense as a line) and pruning wall time."""
-    import io
 
     import matplotlib
 
@@ -379,10 +378,7 @@ def figure_png(rows: list[dict], dense: float) -> bytes:
     b.set(xlabel="seconds (pruning, 2 cores)", title="Wall time")
     b.legend(loc="lower right")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return plots.png_bytes(fig)
 
 
 if __name__ == "__main__":

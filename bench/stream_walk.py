@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prune_quality import machine  # noqa: E402
 
 from birdbone.config import DataConfig, DefaultModel, ProfileConfig, UnstructuredPattern  # noqa: E402
-from birdbone.core import data, modeling  # noqa: E402
+from birdbone.core import data, modeling, plots  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 log = logging.getLogger("bench.stream_walk")
@@ -151,7 +151,6 @@ def check_pruned(path: Path, blocks_prefix: str = "model.layers.") -> dict:
 
 
 def figure_png(result: dict) -> bytes:
-    import io
 
     import matplotlib
 
@@ -172,10 +171,7 @@ def figure_png(result: dict) -> bytes:
     ax.set_ylim(0, fp32 * 1.1)
     ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return plots.png_bytes(fig)
 
 
 def main() -> int:

@@ -4,7 +4,6 @@ and models never pass through Kedro's memory dataset (which would deep-copy them
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from dataclasses import dataclass
@@ -132,12 +131,9 @@ class FigureDataset(AbstractDataset[Any, bytes]):
         return self._path.read_bytes()
 
     def save(self, data: Any) -> None:
-        import matplotlib.pyplot as plt
+        from birdbone.core.plots import png_bytes
 
-        buffer = io.BytesIO()
-        data.savefig(buffer, format="png", dpi=self._dpi, bbox_inches="tight")
-        plt.close(data)
-        write_bytes_atomic(self._path, buffer.getvalue())
+        write_bytes_atomic(self._path, png_bytes(data, self._dpi, tight=True))
 
     def _exists(self) -> bool:
         return self._path.is_file()

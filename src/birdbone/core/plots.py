@@ -161,3 +161,13 @@ def heal_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def png_bytes(fig: Figure, dpi: int = 110, tight: bool = False) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    plt.close(fig)
+    return buffer.getvalue()
