@@ -454,6 +454,14 @@ class GateConfig(Stage):
           kl_top_k: 32         # teacher logits kept per token for the KL
           rollback: gradual    # gradual: a share per wave, most important first; full: at once
           rollback_waves: 3
+          reference: accepted_or_dense  # the step limit counts from the accepted state, or from
+                                        # dense when healing took the accepted state below it
+
+    With healing, a kept wave is often *below* the dense perplexity on the user's text
+    (LoRA adapts to it). ``accepted`` would then make every later wave defend that in-domain
+    gain within ``step_limit``; ``accepted_or_dense`` lets a wave spend it, never more than
+    ``step_limit`` above dense. Without healing the two are the same (a pruned model is
+    not better than dense).
     """
 
     step_limit: Annotated[float, Field(gt=0)] = 0.03
@@ -463,6 +471,7 @@ class GateConfig(Stage):
     kl_top_k: Annotated[int, Field(ge=1, le=1024)] = 32
     rollback: Literal["full", "gradual"] = "gradual"
     rollback_waves: Annotated[int, Field(ge=1, le=10)] = 3
+    reference: Literal["accepted", "accepted_or_dense"] = "accepted_or_dense"
 
 
 DecayPattern = Annotated[

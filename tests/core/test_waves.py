@@ -59,6 +59,24 @@ def test_one_bad_wave_then_a_good_one_is_kept(tiny_bundle):
     assert state.gate.strikes == 0 and state.gate.reference_wave == 2
 
 
+def test_a_healed_wave_below_dense_is_no_margin_the_next_wave_must_keep(tiny_bundle):
+    config = _config()
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    _run(state, config, 1, 8.0)  # healing on the user's text: below dense
+    _run(state, config, 2, 10.2)  # +27.5 % over wave 1, but +2 % over dense: kept
+    assert state.rows[-1]["decision"] == "kept" and "over dense 10.000" in state.rows[-1]["reason"]
+    _run(state, config, 3, 10.6)  # above dense now: judged against wave 2 (+3.9 %)
+    assert state.rows[-1]["decision"] == "strike" and "over the accepted 10.200 (wave 2)" in state.rows[-1]["reason"]
+
+
+def test_the_accepted_reference_makes_later_waves_keep_a_healed_gain(tiny_bundle):
+    config = _config(reference="accepted")
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    _run(state, config, 1, 8.0)
+    _run(state, config, 2, 8.4)  # +5 % over wave 1: a strike, though below dense
+    assert state.rows[-1]["decision"] == "strike" and "over the accepted 8.000 (wave 1)" in state.rows[-1]["reason"]
+
+
 def test_gradual_rollback_restores_a_third_per_wave_most_important_first(tiny_bundle):
     config = _config(rollback="gradual", rollback_waves=3)
     state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")

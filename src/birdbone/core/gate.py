@@ -1,7 +1,9 @@
 """The stop-loss gate: after each wave, keep it, count a strike, or undo it.
 
 A wave whose validation perplexity is more than ``step_limit`` above the last accepted
-state's is a strike (so is a KL above ``kl_limit``, when set). ``strikes`` strikes in a row
+state's is a strike (with ``reference: accepted_or_dense``, the default, the accepted state
+counts as no better than dense: healing on the user's own text can take a pruned model
+below the dense perplexity, and that in-domain gain is not a margin later waves must keep) (so is a KL above ``kl_limit``, when set). ``strikes`` strikes in a row
 undo every wave since the last accepted state: at once (``full``), or a share at a time
 over the next ``rollback_waves`` waves, the most important weights first (``gradual``);
 either way the model ends bit for bit at the accepted state and the decay stops. A kept
@@ -57,14 +59,13 @@ def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any
     """
     if state.phase != DECAY:
         raise RuntimeError(f"wave {wave} judged while the gate is in phase {state.phase}")
-    limit = state.reference_ppl * (1.0 + config.step_limit)
-    rise = ppl / state.reference_ppl - 1.0
+    reference, against = state.reference_ppl, f"the accepted {state.reference_ppl:.3f} (wave {state.reference_wave})"
+    if config.reference == "accepted_or_dense" and state.dense_ppl > reference:
+        reference, against = state.dense_ppl, f"dense {state.dense_ppl:.3f} (the accepted wave {state.reference_wave} is below it)"
+    rise = ppl / reference - 1.0
     problems = []
-    if ppl > limit:
-        problems.append(
-            f"perplexity {ppl:.3f} is {rise:+.1%} over the accepted {state.reference_ppl:.3f} "
-            f"(wave {state.reference_wave}), limit {config.step_limit:+.0%}"
-        )
+    if ppl > reference * (1.0 + config.step_limit):
+        problems.append(f"perplexity {ppl:.3f} is {rise:+.1%} over {against}, limit {config.step_limit:+.0%}")
     if config.kl_limit is not None and kl is not None and kl > config.kl_limit:
         problems.append(f"KL {kl:.4f} over the limit {config.kl_limit}")
     if not problems:
@@ -80,7 +81,7 @@ def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any
             )
         state.reference_ppl, state.reference_kl, state.reference_wave = ppl, kl or 0.0, wave
         state.strikes, state.pending = 0, []
-        return Verdict("kept", f"perplexity {ppl:.3f} ({rise:+.1%} over the accepted state)")
+        return Verdict("kept", f"perplexity {ppl:.3f} ({rise:+.1%} over {against})")
     state.strikes += 1
     state.pending.append(wave)
     reason = "; ".join(problems)
