@@ -69,8 +69,8 @@ def test_unknown_top_level_key_lists_the_stages(tmp_path):
     message = error_of({**GOOD, "decay_waves": {}}, tmp_path, conf(tmp_path, {"parameters_x.yml": {"decay_waves": {}}}))
     assert "decay_waves: unknown key" in message and "parameters_x.yml" in message
     assert (
-        "did you mean 'decay'? known keys here: baseline, data, decay, heal, model, profile, regrow, run, tracking"
-        in message
+        "did you mean 'decay'? known keys here: baseline, data, decay, heal, model, profile, quantize, regrow, run, "
+        "tracking" in message
     )
 
 
@@ -170,3 +170,13 @@ def test_the_heal_taper_shrinks_steps_and_learning_rate():
     assert [config.wave_schedule(k, 4)[0] for k in (1, 2, 3, 4)] == [200, 150, 100, 50]
     assert config.wave_schedule(3, 4)[1] == pytest.approx(1e-4)
     assert HealConfig(steps=200, taper=False).wave_schedule(4, 4)[0] == 200
+
+
+def test_quantize_bits_outside_2_to_8_and_unreachable_budgets_are_refused():
+    message = error_of(merged(quantize={"enabled": True, "bits": 9}))
+    assert "quantize.bits = 9" in message and "less than or equal to 8" in message
+    message = error_of(merged(quantize={"mixed": {"enabled": True, "levels": [8, 4], "group": 32, "avg_bits": 4.2}}))
+    assert "a budget of 4.2 bits per weight is below what the minimum of 4 bits allows (4.5" in message
+    assert "Fix: avg_bits >= 4.5" in message
+    message = error_of(merged(quantize={"mixed": {"levels": [8, 1]}}))
+    assert "quantize.mixed.levels.1 = 1" in message and "greater than or equal to 2" in message

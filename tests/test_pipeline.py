@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
@@ -54,6 +55,28 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert runs["metrics.profile.block_influence.1"][0] == pytest.approx(profile["block_influence"][1])
     assert runs["params.data.block_size"][0] == "64"
     assert not list(project.rglob(".tmp-*"))
+    quantized = summary["quantize"]
+    assert quantized["method"] == "gptq" and quantized["avg_bits"] == 4.5  # Q4_0: 4 bits + a float16 scale per 32
+    assert runs["metrics.quantize.ppl_test"][0] == pytest.approx(quantized["ppl_test"])
+    assert (project / "data/08_reporting/quantize.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_quantized_model_keeps_the_masks_and_every_weight_is_on_its_grid(project):
+    run(project)
+    from birdbone.core import quantize
+    from birdbone.datasets import ModelDataset
+
+    healed = ModelDataset(str(project / "models/healed")).load()
+    bundle = ModelDataset(str(project / "models/quantized")).load()
+    assert bundle.masks.equals(healed.masks) and bundle.masks.overall_sparsity() > 0.3
+    weights = {f"{n}.weight": lin.weight.data for n, lin in bundle.adapter.linears(bundle.model).items()}
+    assert set(bundle.quant.scales) == set(weights)
+    for name, w in weights.items():
+        keep = bundle.masks[name]
+        assert torch.all(w[~keep] == 0), name
+        grid = bundle.quant.grid_of(name)
+        assert grid == quantize.Grid(4, 32, True)
+        quantize.codes(w, bundle.quant.scales[name], grid, keep)  # raises if a weight is off its grid
 
 
 def test_same_recipe_same_numbers(project):
@@ -103,3 +126,11 @@ def test_cli_reports_bad_config_with_the_fix(project):
     text = out.stdout + out.stderr
     assert "data.splits.test = 0" in text and "greater than 0" in text
     assert "telemetry" not in text.lower()
+
+
+def test_a_quantize_group_that_does_not_divide_a_layer_fails_before_the_first_wave(project):
+    from birdbone.errors import QuantizeError
+
+    with pytest.raises(QuantizeError, match="q_proj.weight has 64 input columns, which groups of 48 do not divide"):
+        run(project, quantize={"group": 48})
+    assert not (project / "models/waves/wave_1").exists()

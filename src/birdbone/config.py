@@ -669,6 +669,95 @@ class RegrowConfig(Stage):
     blocks: PositiveInt = 4  # healing blocks the gradient is measured on
 
 
+# --------------------------------------------------------------------------- quantize
+
+
+class GPTQOptions(Stage):
+    """GPTQ's settings: column block of the lazy updates, Hessian damping, activation order."""
+
+    block_size: PositiveInt = 128
+    damp: Annotated[float, Field(gt=0, le=1)] = 0.01
+    act_order: bool = True
+
+
+class StressConfig(Stage):
+    """When a block counts as under stress in mixed precision, and how often to rebalance."""
+
+    loss_spike: Annotated[float, Field(gt=0)] = 0.01  # validation loss rise with the block alone quantized
+    grad_spike: Annotated[float, Field(gt=1)] = 2.0  # gradient norm over the blocks' mean
+    blocks: NonNegativeInt = 4  # validation blocks the checks use (0: no boosting)
+    rounds: NonNegativeInt = 2
+
+
+class MixedConfig(Stage):
+    """Mixed precision by usage under a bit budget (``core.bits``).
+
+    Example::
+
+        mixed:
+          enabled: false
+          avg_bits: 4.5       # storage bits per weight, float16 scales included
+          levels: [8, 4]      # every layer starts at the highest; low-usage layers go down first
+          group: 128          # the groups of the mixed grids (null: one per row)
+          stress: {loss_spike: 0.01, grad_spike: 2.0, blocks: 4, rounds: 2}
+    """
+
+    enabled: bool = False
+    avg_bits: Annotated[float, Field(gt=0)] = 4.5
+    levels: Annotated[list[Annotated[int, Field(ge=2, le=8)]], Field(min_length=1)] = [8, 4]
+    group: PositiveInt | None = 128
+    stress: StressConfig = StressConfig()
+
+    @model_validator(mode="after")
+    def _reachable(self) -> MixedConfig:
+        if self.group is not None:  # with one group per row the floor depends on the widths (checked on the model)
+            floor = min(self.levels) + 16 / self.group
+            if self.avg_bits < floor:
+                raise ValueError(
+                    f"a budget of {self.avg_bits} bits per weight is below what the minimum of {min(self.levels)} "
+                    f"bits allows ({floor:g} with a float16 scale per {self.group} weights). Fix: avg_bits >= "
+                    f"{floor:g}, or a lower level in levels"
+                )
+        return self
+
+
+class QuantizeConfig(Stage):
+    """Quantization of the decoder blocks' Linears after decay and healing (``core.quantize``).
+
+    Example (``conf/base/parameters_quantize.yml``)::
+
+        quantize:
+          enabled: true
+          method: gptq            # rtn | gptq
+          bits: 4                 # 2..8
+          group: 32               # consecutive input columns sharing a float16 scale (null: a row)
+          sym: true               # true: d q (llama.cpp Q4_0/Q8_0); false: d q + m (Q4_1)
+          keep_source_grid: true  # weights already on a grid of <= bits (a GGUF's Q4_1) stay on it
+          calibration_blocks: 32
+          batch_size: 4
+          compute_dtype: float32
+          gptq: {block_size: 128, damp: 0.01, act_order: true}
+          mixed: {enabled: false, avg_bits: 4.5, levels: [8, 4], group: 128}
+    """
+
+    enabled: bool = False
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: Annotated[int, Field(ge=2, le=8)] = 4
+    group: PositiveInt | None = 32
+    sym: bool = True
+    keep_source_grid: bool = True
+    calibration_blocks: PositiveInt | None = 32
+    batch_size: PositiveInt = 4
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gptq: GPTQOptions = GPTQOptions()
+    mixed: MixedConfig = MixedConfig()
+
+    @property
+    def label(self) -> str:
+        """What ``bench/results/quantize.json`` calls the method: rtn, gptq or mixed."""
+        return "mixed" if self.mixed.enabled else self.method
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -702,6 +791,7 @@ class Recipe(Stage):
     decay: DecayConfig | None = None
     heal: HealConfig = HealConfig(enabled=False)
     regrow: RegrowConfig = RegrowConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

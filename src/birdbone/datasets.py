@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from birdbone.core import modeling, waves
 from birdbone.core.io import TMP_PREFIX, atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 from birdbone.core.masks import MaskSet
+from birdbone.core.quantize import QUANT_FILE, QuantTable
 
 SIDECAR = "birdbone.json"
 MASKS = "masks.safetensors"
@@ -33,7 +34,8 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
 
     The sidecar records how the model was made (``origin``) and the SHA-256 of each weight
     file, so a later stage can tell exactly which parent it came from. A bundle's masks
-    travel with it as ``masks.safetensors``.
+    travel with it as ``masks.safetensors``, a quantized model's grids and scales as
+    ``quant.safetensors``.
     """
 
     def __init__(self, path: str, dtype: str = "float32", metadata: dict[str, Any] | None = None):
@@ -50,6 +52,8 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
         bundle.origin = json.loads((self._path / SIDECAR).read_text())["origin"]
         if (self._path / MASKS).is_file():
             bundle.masks = MaskSet.load(self._path / MASKS)
+        if (self._path / QUANT_FILE).is_file():
+            bundle.quant = QuantTable.load(self._path / QUANT_FILE)
         return bundle
 
     def save(self, data: modeling.ModelBundle) -> None:
@@ -57,6 +61,8 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
             modeling.save_model(data, tmp)
             if data.masks is not None:
                 data.masks.save(tmp / MASKS)
+            if data.quant is not None:
+                data.quant.save(tmp / QUANT_FILE)
             write_sidecar(tmp, data.origin)
         data.path = self._path
 

@@ -37,3 +37,7 @@ class StreamingError(BirdboneError):
 
 class HealError(BirdboneError):
     """Healing settings that cannot fit the model (LoRA targets, rank, QLoRA without CUDA)."""
+
+
+class QuantizeError(BirdboneError):
+    """Quantization or low-rank settings a model cannot take (bits, group size, bit budget)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from kedro.pipeline import Pipeline
 
-from birdbone.pipelines import baseline, decay, profile
+from birdbone.pipelines import baseline, decay, profile, quantize
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,24 @@ def final_heal() -> bool:
     return config.enabled and config.final.steps > 0
 
 
+def quantize_source() -> str | None:
+    """The model dataset the quantize stage reads (the recipe's last model), or None when
+    quantization is off."""
+    from pydantic import ValidationError
+
+    from birdbone.config import QuantizeConfig
+
+    section = _parameters().get("quantize")
+    try:
+        if not section or not QuantizeConfig.model_validate(section).enabled:
+            return None
+    except (ValidationError, ValueError, TypeError):
+        return None
+    if decay_waves() > 0:
+        return "healed_model" if final_heal() else "decayed_model"
+    return "baseline_model"
+
+
 def register_pipelines() -> dict[str, Pipeline]:
     """``kedro run`` runs ``__default__``; ``kedro run --pipeline NAME`` one stage."""
     with warnings.catch_warnings():
@@ -73,6 +91,11 @@ def register_pipelines() -> dict[str, Pipeline]:
         # (``wave_<k>.state``), referred to across namespaces on purpose.
         warnings.filterwarnings("ignore", message=r"One or more dataset names contain '\.'", category=UserWarning)
         waves = decay.create_pipeline(decay_waves(), final_heal())
-    pipelines = {"baseline": baseline.create_pipeline(), "profile": profile.create_pipeline(), "decay": waves}
+    pipelines = {
+        "baseline": baseline.create_pipeline(),
+        "profile": profile.create_pipeline(),
+        "decay": waves,
+        "quantize": quantize.create_pipeline(quantize_source()),
+    }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

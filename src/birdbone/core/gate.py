@@ -1,9 +1,10 @@
 """The stop-loss gate: after each wave, keep it, count a strike, or undo it.
 
 A wave whose validation perplexity is more than ``step_limit`` above the last accepted
-state's is a strike (with ``reference: accepted_or_dense``, the default, the accepted state
-counts as no better than dense: healing on the user's own text can take a pruned model
-below the dense perplexity, and that in-domain gain is not a margin later waves must keep) (so is a KL above ``kl_limit``, when set). ``strikes`` strikes in a row
+state's is a strike (so is a KL above ``kl_limit``, when set). With ``reference:
+accepted_or_dense``, the default, the accepted state counts as no better than dense:
+healing on the user's own text can take a pruned model below the dense perplexity, and
+that in-domain gain is not a margin later waves must keep. ``strikes`` strikes in a row
 undo every wave since the last accepted state: at once (``full``), or a share at a time
 over the next ``rollback_waves`` waves, the most important weights first (``gradual``);
 either way the model ends bit for bit at the accepted state and the decay stops. A kept
@@ -59,9 +60,11 @@ def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any
     """
     if state.phase != DECAY:
         raise RuntimeError(f"wave {wave} judged while the gate is in phase {state.phase}")
-    reference, against = state.reference_ppl, f"the accepted {state.reference_ppl:.3f} (wave {state.reference_wave})"
+    reference = state.reference_ppl
+    against = f"the accepted {reference:.3f} (wave {state.reference_wave})"
     if config.reference == "accepted_or_dense" and state.dense_ppl > reference:
-        reference, against = state.dense_ppl, f"dense {state.dense_ppl:.3f} (the accepted wave {state.reference_wave} is below it)"
+        reference = state.dense_ppl
+        against = f"dense {reference:.3f} (the accepted wave {state.reference_wave} is below it)"
     rise = ppl / reference - 1.0
     problems = []
     if ppl > reference * (1.0 + config.step_limit):

@@ -112,7 +112,8 @@ def adapter_for(model_or_config: Any) -> ArchitectureAdapter:
 @dataclass
 class ModelBundle:
     """A model with its tokenizer and adapter; ``path`` is where it was loaded from;
-    ``masks`` (a ``MaskSet``), what pruning removed, when the model carries them."""
+    ``masks`` (a ``MaskSet``), what pruning removed, when the model carries them; ``quant``
+    (a ``quantize.QuantTable``), the grids and scales of a quantized model."""
 
     model: nn.Module
     tokenizer: Any
@@ -120,6 +121,7 @@ class ModelBundle:
     path: Path | None = None
     origin: dict[str, Any] = field(default_factory=dict)
     masks: Any = None
+    quant: Any = None
 
 
 def default_gguf_path() -> Path:

@@ -163,6 +163,53 @@ def heal_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
     return fig
 
 
+_MODULE_COLORS = {
+    "q_proj": "tab:blue",
+    "k_proj": "tab:cyan",
+    "v_proj": "tab:purple",
+    "o_proj": "tab:pink",
+    "gate_proj": "tab:orange",
+    "up_proj": "tab:red",
+    "down_proj": "tab:brown",
+}
+
+
+def quantize_figure(layers: list[dict[str, Any]], title: str) -> Figure:
+    """Bits per weight of every block Linear (scales included), by block and module, with
+    the model's average; and, when given, each block's loss rise with only it quantized."""
+    stress = [r for r in layers if r.get("loss_rise") is not None]
+    fig, axes = plt.subplots(1, 2 if stress else 1, figsize=(13 if stress else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
+    order = list(_MODULE_COLORS)
+    modules = sorted({r["module"] for r in layers}, key=lambda m: order.index(m) if m in order else len(order))
+    width = 0.8 / max(len(modules), 1)
+    for k, module in enumerate(modules):
+        rows = [r for r in layers if r["module"] == module]
+        ax.bar(
+            [r["block"] + (k - len(modules) / 2) * width for r in rows],
+            [r["bits_per_weight"] for r in rows],
+            width=width,
+            color=_MODULE_COLORS.get(module, "gray"),
+            label=module,
+        )
+    total = sum(r["params"] for r in layers)
+    average = sum(r["bits_per_weight"] * r["params"] for r in layers) / max(total, 1)
+    ax.axhline(average, color="black", linestyle="--", linewidth=0.8, label=f"average {average:.3f}")
+    ax.set(xlabel="block", ylabel="bits per weight (scales included)", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    if stress:
+        blocks = sorted({r["block"] for r in stress})
+        rise = {r["block"]: r["loss_rise"] for r in stress}
+        axes[0][1].bar(blocks, [100 * rise[b] for b in blocks], color="tab:gray")
+        axes[0][1].set(
+            xlabel="block", ylabel="validation loss rise (%)", title="Stress: loss with only this block quantized"
+        )
+        axes[0][1].grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
 def png_bytes(fig: Figure, dpi: int = 110, tight: bool = False) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     import io

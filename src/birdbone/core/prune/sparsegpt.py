@@ -15,18 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from birdbone.core.linalg import inverse_cholesky, invertible_hessian
 from birdbone.core.prune.base import LayerPruner, register
 from birdbone.core.prune.patterns import prune_count
 from birdbone.errors import PruneError
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1."""
-    h = hessian.clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     try:
-        inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return torch.linalg.cholesky(inv, upper=True)
+        return inverse_cholesky(hessian, damp)
     except torch.linalg.LinAlgError as exc:
         raise PruneError(
             f"{name}: the calibration Hessian is not positive definite even with damping {damp}. "
@@ -64,9 +61,7 @@ def sparsegpt_(
     """
     rows, cols = weight.shape
     w = weight.float().clone()
-    h = hessian.to(w.device).float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h, dead = invertible_hessian(hessian, w.device)
     w[:, dead] = 0.0
     hinv = _inverse_cholesky(h, damp, name)
     nm, ramp = pattern.kind == "nm", pattern.kind == "nm_ramp"

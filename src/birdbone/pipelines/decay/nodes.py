@@ -17,11 +17,12 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from birdbone.config import DecayConfig, HealConfig, RegrowConfig, validate_recipe
+from birdbone.config import DecayConfig, HealConfig, QuantizeConfig, RegrowConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, structure, waves
 from birdbone.core.heal import check_heal
 from birdbone.core.io import sha256_json
 from birdbone.core.prune.structured import compact_
+from birdbone.core.quantize import check_quantize
 from birdbone.datasets import SIDECAR, WaveHandle
 from birdbone.pipelines import runtime
 from birdbone.pipelines.heal.nodes import heal_series
@@ -62,9 +63,10 @@ def start_decay(
     decay: dict[str, Any],
     heal: dict[str, Any],
     regrow: dict[str, Any],
+    quantize: dict[str, Any] | None = None,
 ) -> waves.WaveState | WaveHandle:
     """Wave 0: the dense model, with the gate's reference at its validation perplexity.
-    Healing settings that cannot fit the model fail here, before any wave."""
+    Healing and quantization settings that cannot fit the model fail here, before any wave."""
     sidecar = json.loads((Path(bundle.path) / SIDECAR).read_text()) if bundle.path else {}
     origin = sha256_json(
         {
@@ -76,6 +78,10 @@ def start_decay(
     heal_config = HealConfig.model_validate(heal)
     if heal_config.enabled:
         check_heal(bundle, heal_config)
+    if quantize is not None:
+        quantize_config = QuantizeConfig.model_validate(quantize)
+        if quantize_config.enabled:
+            check_quantize(bundle, quantize_config)  # a group that does not divide a layer fails before wave 1
     if resume is not None and resume.state_id == origin:
         return resume
     state = waves.start(bundle, {"ppl": quality["validation"]["ppl"], "kl": 0.0}, origin)

@@ -89,6 +89,7 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
                         "params:decay",
                         "params:heal",
                         "params:regrow",
+                        "params:quantize",
                     ],
                     "state",
                     name="start",
@@ -96,7 +97,7 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
             ],
             namespace="wave_0",
             inputs={"baseline_model", "baseline_quality", "blocks"},
-            parameters={"params:decay", "params:heal", "params:regrow"},
+            parameters={"params:decay", "params:heal", "params:regrow", "params:quantize"},
         ),
     ]
     template = wave_template()

@@ -1,0 +1,422 @@
+"""Quantization onto llama.cpp-style group grids: round-to-nearest and GPTQ, masks kept.
+
+A ``Grid`` is (bits, group, sym). Each row of a weight is cut into groups of ``group``
+consecutive input columns (None: the whole row is one group), and each group gets a scale
+``d`` (and, asymmetric, an offset ``m``), stored as float16 the way GGUF stores them:
+
+- symmetric: x ~ d q, q in [-2^(b-1), 2^(b-1) - 1], d = v / -2^(b-1) with v the group's
+  value of largest magnitude, so that value lands exactly on the grid's end (llama.cpp's
+  Q4_0 / Q5_0). At 8 bits d = max|x| / 127 and q in [-127, 127] (Q8_0).
+- asymmetric: x ~ d q + m, q in [0, 2^b - 1], m = min, d = (max - min) / (2^b - 1)
+  (llama.cpp's Q4_1 / Q5_1).
+
+The quantized weights are kept dequantized (float), so the model runs as before and its
+perplexity is exactly what a file holding these codes and scales gives. Pruned weights
+(keep-mask False) take no part in a group's range and are exactly 0 afterwards.
+
+GPTQ (Frantar et al., 2022, arXiv:2210.17323) quantizes one column at a time and spreads
+each column's rounding error over the columns not yet quantized through the upper
+Cholesky factor of H^-1 (H = 2 X^T X / n from the calibration walk), in blocks with lazy
+updates; with ``act_order`` it takes the columns in order of decreasing diag(H), with the
+groups' scales fixed beforehand on the original columns so that groups stay contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from birdbone.core.linalg import inverse_cholesky, invertible_hessian
+from birdbone.errors import QuantizeError
+
+MIN_BITS, MAX_BITS = 2, 8
+SCALE_BITS = 16  # d and m are float16
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The quantization grid of one layer."""
+
+    bits: int
+    group: int | None = 32
+    sym: bool = True
+
+    def describe(self) -> str:
+        return f"{self.bits}-bit {'sym' if self.sym else 'asym'} g{self.group or 'row'}"
+
+    def levels(self) -> tuple[int, int]:
+        """The smallest and largest code."""
+        if self.sym:
+            half = 2 ** (self.bits - 1)
+            return (-127, 127) if self.bits == 8 else (-half, half - 1)
+        return 0, 2**self.bits - 1
+
+    def bits_per_weight(self, columns: int) -> float:
+        """Storage bits per weight, scales (and offsets) included."""
+        group = self.group or columns
+        return self.bits + SCALE_BITS * (1 if self.sym else 2) / group
+
+    def gguf_type(self) -> str | None:
+        """The llama.cpp type that stores exactly this grid, if one does."""
+        if self.group != 32:
+            return None
+        return {(8, True): "Q8_0", (4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1"}.get(
+            (self.bits, self.sym)
+        )
+
+
+def check_grid(name: str, shape: tuple[int, ...], grid: Grid) -> None:
+    """Raises before any compute if ``name`` cannot take ``grid``."""
+    if not MIN_BITS <= grid.bits <= MAX_BITS:
+        raise QuantizeError(f"{grid.bits} bits is outside {MIN_BITS}-{MAX_BITS}. Fix: quantize.bits in 2..8.")
+    if grid.group is not None and (grid.group < 1 or shape[1] % grid.group):
+        raise QuantizeError(
+            f"{name} has {shape[1]} input columns, which groups of {grid.group} do not divide. "
+            "Fix: choose a quantize.group that divides every layer's input width (32 and 64 divide "
+            "most), or null for one group per row."
+        )
+
+
+def group_params(x: torch.Tensor, keep: torch.Tensor | None, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset ``[rows, 1]`` of the group ``x`` ``[rows, g]`` over its kept weights
+    (float16-rounded, as stored); a group with nothing kept gets d = m = 0."""
+    if keep is None:
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    else:
+        lo = torch.where(keep, x, torch.full_like(x, float("inf"))).amin(1, keepdim=True)
+        hi = torch.where(keep, x, torch.full_like(x, float("-inf"))).amax(1, keepdim=True)
+        empty = ~keep.any(1, keepdim=True)
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    if grid.sym:
+        if grid.bits == 8:
+            d = torch.maximum(lo.abs(), hi.abs()) / 127
+        else:
+            d = torch.where(hi.abs() > lo.abs(), hi, lo) / -(2 ** (grid.bits - 1))
+        m = torch.zeros_like(d)
+    else:
+        m = lo
+        d = (hi - lo) / (2**grid.bits - 1)
+    return d.half().float(), m.half().float()
+
+
+def round_to_grid(x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """x rounded to d q + m (dequantized), codes clamped to the grid's range."""
+    low, high = grid.levels()
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.clamp(torch.round((x - m) / safe), low, high)
+    return torch.where(d == 0, m.expand_as(x), q * d + m)
+
+
+def _groups(columns: int, grid: Grid) -> int:
+    return grid.group or columns
+
+
+Scales = tuple[torch.Tensor, torch.Tensor]  # d, m: [rows, groups], what a file stores with the codes
+
+
+@torch.no_grad()
+def rtn_(weight: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) -> Scales:
+    """Rounds ``weight`` ``[out, in]`` to ``grid`` in place (round-to-nearest); returns the scales."""
+    values, scales = rtn(weight, grid, keep)
+    weight.copy_(values.to(weight.dtype))
+    return scales
+
+
+@torch.no_grad()
+def rtn(weight: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, Scales]:
+    """``weight`` rounded to ``grid`` (float32, pruned weights exactly 0), and its scales."""
+    rows, cols = weight.shape
+    g = _groups(cols, grid)
+    x = weight.detach().float().reshape(rows * (cols // g), g)
+    k = None if keep is None else keep.to(x.device).reshape(rows * (cols // g), g)
+    d, m = group_params(x, k, grid)
+    out = round_to_grid(x, d, m, grid)
+    if k is not None:
+        out = out.masked_fill(~k, 0.0)
+    return out.reshape(rows, cols), (d.reshape(rows, cols // g), m.reshape(rows, cols // g))
+
+
+def codes(weight: torch.Tensor, scales: Scales, grid: Grid, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer codes of a quantized ``weight`` under its ``scales`` (what a file stores).
+
+    Raises:
+        QuantizeError: a kept weight is not d q + m for an integer code in range (the
+            weight was changed after quantizing, or the scales are not its own).
+    """
+    d, m = scales
+    g = weight.shape[1] // d.shape[1]
+    d, m = d.repeat_interleave(g, 1), m.repeat_interleave(g, 1)
+    w = weight.detach().float()
+    low, high = grid.levels()
+    q = torch.where(d == 0, torch.zeros_like(w), (w - m) / torch.where(d == 0, torch.ones_like(d), d))
+    rounded = q.round().clamp(low, high)
+    kept = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(w.device).bool()
+    back = torch.where(d == 0, m, rounded * d + m)
+    bad = kept & ((back - w).abs() > 1e-6 * max(float(w.abs().max()), 1e-30))
+    if bool(bad.any()):
+        raise QuantizeError(
+            f"{int(bad.sum())} weights are not on the {grid.describe()} grid of their scales. Fix: export "
+            "the quantized model as the quantize stage wrote it (no changes after quantizing)."
+        )
+    return rounded.to(torch.int8)
+
+
+@torch.no_grad()
+def gptq_(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: Grid,
+    keep: torch.Tensor | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    name: str = "layer",
+) -> Scales:
+    """Quantizes ``weight`` ``[out, in]`` to ``grid`` in place with GPTQ; returns the scales.
+
+    ``block_size`` is rounded up to a multiple of the group so that a group's scale is
+    taken from its columns after every earlier column's error has reached them.
+    """
+    rows, cols = weight.shape
+    w = weight.detach().float().clone()
+    h, _ = invertible_hessian(hessian, w.device)
+    kept = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(w.device).bool()
+    g = _groups(cols, grid)
+    static = None
+    if act_order or grid.group is None:  # scales fixed on the original columns, per group
+        x = w.reshape(rows * (cols // g), g)
+        d, m = group_params(x, kept.reshape(rows * (cols // g), g), grid)
+        static = (d.reshape(rows, cols // g), m.reshape(rows, cols // g))
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
+    w, h, kept = w[:, perm], h[perm][:, perm], kept[:, perm]
+    try:
+        hinv = inverse_cholesky(h, damp)
+    except torch.linalg.LinAlgError as exc:
+        raise QuantizeError(
+            f"{name}: the calibration Hessian is not positive definite even with damping {damp}. "
+            "Fix: raise quantize.gptq.damp (e.g. 0.1) or use more calibration blocks."
+        ) from exc
+    if static is None:
+        block_size = -(-block_size // g) * g
+    groups = cols // g
+    scales = (torch.zeros(rows, groups, device=w.device), torch.zeros(rows, groups, device=w.device))
+    d = m = torch.zeros(rows, device=w.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            column = i1 + i
+            if static is not None:
+                group = int(perm[column]) // g
+                d, m = static[0][:, group], static[1][:, group]
+            elif column % g == 0:
+                d2, m2 = group_params(w1[:, i : i + g], kept[:, column : column + g], grid)
+                d, m = d2[:, 0], m2[:, 0]
+                scales[0][:, column // g], scales[1][:, column // g] = d, m
+            col = w1[:, i]
+            q = round_to_grid(col, d, m, grid).masked_fill(~kept[:, column], 0.0)
+            q1[:, i] = q
+            err = (col - q) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i1:i2] = q1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    w = w[:, torch.argsort(perm)]
+    if not torch.isfinite(w).all():
+        raise QuantizeError(f"{name}: GPTQ produced non-finite weights. Fix: raise quantize.gptq.damp.")
+    weight.copy_(w.to(weight.dtype))
+    return static if static is not None else scales
+
+
+def on_grid(weight: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None, tolerance: float = 1e-6) -> bool:
+    """Whether ``weight``'s kept values already lie on ``grid`` (rounding them changes
+    nothing beyond float rounding): weights dequantized from a GGUF file of that type do."""
+    w = weight.detach().float()
+    if w.shape[1] % _groups(w.shape[1], grid):
+        return False
+    scale = float(w.abs().max())
+    return scale == 0 or float((rtn(w, grid, keep)[0] - w).abs().max()) <= tolerance * scale
+
+
+# The grids GGUF files store the common models in; the first one a model's weights lie on
+# is the grid they came from.
+SOURCE_GRIDS = (Grid(4, 32, False), Grid(4, 32, True), Grid(5, 32, False), Grid(5, 32, True), Grid(8, 32, True))
+
+
+def detect_grid(weights: dict[str, torch.Tensor], masks: Any = None) -> Grid | None:
+    """The grid every weight already lies on (pruned weights ignored), or None."""
+    for grid in SOURCE_GRIDS:
+        if all(
+            on_grid(w, grid, None if masks is None or name not in masks else masks[name]) for name, w in weights.items()
+        ):
+            return grid
+    return None
+
+
+# --------------------------------------------------------------------------- whole model
+
+
+class _Quantizer:
+    """A calibration-walk method that quantizes every Linear of each block to its grid
+    (GPTQ with the block's Hessians, or round-to-nearest from the weights alone)."""
+
+    needs_frequency = False
+
+    def __init__(self, grids: dict[str, Grid | None], method: str, prefix: str, masks: Any, options: Any):
+        self.grids, self.method, self.prefix, self.masks, self.options = grids, method, prefix, masks, options
+        self.needs_inputs = self.needs_gram = method == "gptq"
+        self.scales: dict[str, Scales] = {}
+
+    def process(self, index: int, block: Any, linears: dict[str, Any], stats: dict[str, Any]) -> None:
+        for name, linear in linears.items():
+            full = f"{self.prefix}.{index}.{name}.weight"
+            grid = self.grids[full]
+            if grid is None:  # kept as it is (already on its source grid)
+                continue
+            keep = self.masks[full] if self.masks is not None and full in self.masks else None
+            if self.method == "gptq":
+                self.scales[full] = gptq_(
+                    linear.weight.data,
+                    stats[name].hessian(),
+                    grid,
+                    keep,
+                    self.options.block_size,
+                    self.options.damp,
+                    self.options.act_order,
+                    full,
+                )
+            else:
+                self.scales[full] = rtn_(linear.weight.data, grid, keep)
+
+
+def quantize_model_(
+    bundle: Any,
+    grids: dict[str, Grid | None],
+    method: str = "rtn",
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    options: Any = None,
+    compute_dtype: torch.dtype | None = None,
+) -> dict[str, Scales]:
+    """Quantizes every decoder-block Linear of ``bundle.model`` in place to its grid
+    (None: left as it is) and returns the scales of each quantized weight.
+
+    Args:
+        grids: full weight name -> grid (from ``plan_grids`` or ``bits.allocate``).
+        method: ``rtn`` or ``gptq`` (needs ``calibration`` and ``options`` with block_size,
+            damp, act_order).
+        compute_dtype: autocast type of the calibration forward passes (GPTQ's math is float32).
+    """
+    from birdbone.core.walk import calibration_walk
+
+    if method not in ("rtn", "gptq"):
+        raise QuantizeError(f"unknown quantization method '{method}'. Fix: quantize.method rtn or gptq.")
+    if method == "gptq" and (calibration is None or calibration.shape[0] == 0):
+        raise QuantizeError("GPTQ needs calibration blocks. Fix: data.splits.calibration > 0, or quantize.method rtn.")
+    quantizer = _Quantizer(grids, method, bundle.adapter.blocks_path, bundle.masks, options)
+    calibration_walk(bundle, calibration, quantizer, batch_size, device, f"{method} quantization", compute_dtype)  # type: ignore[arg-type]
+    return quantizer.scales
+
+
+def plan_grids(bundle: Any, grid: Grid, keep_source_grid: bool = True) -> tuple[dict[str, Grid | None], Grid | None]:
+    """Every block Linear at ``grid``, checked before compute. With ``keep_source_grid``, a
+    model whose weights already lie on a grid of at most ``grid.bits`` bits (a GGUF file's
+    Q4_1, say) is left on it: requantizing it could only lose. Returns the plan (None: kept)
+    and the source grid found."""
+    weights = {f"{name}.weight": linear.weight for name, linear in bundle.adapter.linears(bundle.model).items()}
+    for name, w in weights.items():
+        check_grid(name, tuple(w.shape), grid)
+    source = detect_grid(weights, bundle.masks) if keep_source_grid else None
+    if source is not None and source.bits <= grid.bits:
+        return {name: None for name in weights}, source
+    return {name: grid for name in weights}, source
+
+
+def average_bits(bundle: Any, grids: dict[str, Grid | None], source: Grid | None = None) -> float:
+    """Storage bits per block-Linear weight, scales included (a kept layer counts at its
+    source grid, or 16 bits when it has none)."""
+    total = bits = 0.0
+    for name, linear in bundle.adapter.linears(bundle.model).items():
+        grid = grids[f"{name}.weight"] or source
+        n = linear.weight.numel()
+        total += n
+        bits += n * (grid.bits_per_weight(linear.weight.shape[1]) if grid is not None else 16.0)
+    return bits / max(total, 1.0)
+
+
+def check_budget(
+    sizes: dict[str, tuple[int, int]], levels: list[int], group: int | None, sym: bool, target: float
+) -> None:
+    """Raises before compute when a bit budget is below what the lowest level gives."""
+    total = sum(r * c for r, c in sizes.values())
+    floor = sum(Grid(min(levels), group, sym).bits_per_weight(c) * r * c for r, c in sizes.values()) / total
+    if target < floor - 1e-9:
+        raise QuantizeError(
+            f"a bit budget of {target} bits per weight is below what the minimum of {min(levels)} bits allows "
+            f"({floor:.3f} with {'sym' if sym else 'asym'} groups of {group or 'a row'}, scales included). "
+            f"Fix: raise quantize.mixed.avg_bits to at least {floor:.3f}, or add a lower level."
+        )
+
+
+def check_quantize(bundle: Any, config: Any) -> None:
+    """Every check a ``QuantizeConfig`` needs of the model, before any compute: the group
+    divides every layer, the bit budget is reachable."""
+    sizes = {
+        f"{name}.weight": tuple(linear.weight.shape) for name, linear in bundle.adapter.linears(bundle.model).items()
+    }
+    grids = [Grid(config.bits, config.group, config.sym)]
+    if config.mixed.enabled:
+        grids = [Grid(b, config.mixed.group, config.sym) for b in config.mixed.levels]
+        check_budget(sizes, config.mixed.levels, config.mixed.group, config.sym, config.mixed.avg_bits)  # type: ignore[arg-type]
+    for name, shape in sizes.items():
+        for grid in grids:
+            check_grid(name, shape, grid)
+
+
+QUANT_FILE = "quant.safetensors"
+
+
+@dataclass
+class QuantTable:
+    """What a quantized model's file must hold besides its (dequantized) weights: each
+    weight's grid and scales. ``grids[name]`` None: the weight stayed on ``source``."""
+
+    grids: dict[str, Grid | None]
+    scales: dict[str, Scales] = field(default_factory=dict)
+    source: Grid | None = None
+
+    def grid_of(self, name: str) -> Grid | None:
+        return self.grids.get(name) or self.source
+
+    def save(self, path: Path) -> None:
+        tensors = {}
+        for name, (d, m) in self.scales.items():
+            tensors[f"{name}.d"], tensors[f"{name}.m"] = d.contiguous().cpu(), m.contiguous().cpu()
+        meta = {
+            "grids": json.dumps({n: None if g is None else [g.bits, g.group, g.sym] for n, g in self.grids.items()}),
+            "source": json.dumps(
+                None if self.source is None else [self.source.bits, self.source.group, self.source.sym]
+            ),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> QuantTable:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        grids = {n: None if g is None else Grid(*g) for n, g in json.loads(meta["grids"]).items()}
+        source = json.loads(meta["source"])
+        scales = {n: (tensors[f"{n}.d"], tensors[f"{n}.m"]) for n in grids if f"{n}.d" in tensors}
+        return cls(grids, scales, None if source is None else Grid(*source))

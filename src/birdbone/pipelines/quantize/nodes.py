@@ -1,0 +1,159 @@
+"""Quantize node: a thin adapter from Kedro datasets and parameters to ``birdbone.core.quantize``
+and ``birdbone.core.bits``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from birdbone.config import QuantizeConfig, validate_recipe
+from birdbone.core import evaluate, modeling, plots
+from birdbone.core.bits import allocate
+from birdbone.core.quantize import Grid, QuantTable, average_bits, check_quantize, plan_grids, quantize_model_
+from birdbone.core.walk import autocast_dtype
+
+log = logging.getLogger(__name__)
+
+
+def plan(
+    bundle: modeling.ModelBundle, config: QuantizeConfig, blocks: dict[str, torch.Tensor], device: Any
+) -> tuple[dict[str, Grid | None], Grid | None, dict[str, Any] | None]:
+    """Each weight's grid: the config's (or the source grid, kept), or a mixed allocation."""
+    if not config.mixed.enabled:
+        grids, source = plan_grids(bundle, Grid(config.bits, config.group, config.sym), config.keep_source_grid)
+        return grids, source, None
+    mixed = config.mixed
+    stress_blocks = blocks["validation"][: mixed.stress.blocks] if mixed.stress.blocks else None
+    allocation = allocate(
+        bundle,
+        mixed.levels,
+        mixed.group,
+        config.sym,
+        mixed.avg_bits,
+        blocks["calibration"][: config.calibration_blocks],
+        stress_blocks,
+        config.batch_size,
+        device,
+        mixed.stress.loss_spike,
+        mixed.stress.grad_spike,
+        mixed.stress.rounds,
+        autocast_dtype(config.compute_dtype),
+    )
+    return dict(allocation.grids), None, allocation.to_json()
+
+
+def layer_rows(
+    bundle: modeling.ModelBundle, grids: dict[str, Grid | None], source: Grid | None, allocation: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """One row per block Linear: its grid and bits per weight (for the report and the plot)."""
+    prefix = bundle.adapter.blocks_path
+    rises = {}
+    if allocation and allocation["stress"]:
+        rises = {b["block"]: b["loss_rise"] for b in allocation["stress"][-1]["blocks"]}
+    rows = []
+    for name, linear in bundle.adapter.linears(bundle.model).items():
+        grid = grids[f"{name}.weight"] or source
+        block = int(name.removeprefix(prefix + ".").split(".")[0])
+        rows.append(
+            {
+                "name": f"{name}.weight",
+                "block": block,
+                "module": name.rsplit(".", 1)[-1],
+                "params": linear.weight.numel(),
+                "grid": grid.describe() if grid else "float",
+                "bits": grid.bits if grid else 16,
+                "bits_per_weight": grid.bits_per_weight(linear.weight.shape[1]) if grid else 16.0,
+                "kept_source_grid": grids[f"{name}.weight"] is None,
+                "gguf_type": grid.gguf_type() if grid else None,
+                "loss_rise": rises.get(block),
+            }
+        )
+    return rows
+
+
+def quantize_model(
+    model: modeling.ModelBundle, blocks: dict[str, torch.Tensor], parameters: dict[str, Any]
+) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
+    """Quantizes the last model of the recipe (healed, decayed or baseline) to its grids,
+    masks kept; the quantized model (with its grids and scales), the report (per-layer bits,
+    perplexity before and after), the bits-per-layer plot, ``summary.json``'s ``quantize``
+    and its MLflow metrics."""
+    recipe = validate_recipe(parameters, Path.cwd())
+    config = recipe.quantize
+    device = modeling.prepare_runtime(recipe.run)
+    bundle = model
+    bundle.model.to(device)
+    check_quantize(bundle, config)
+    batch = recipe.baseline.batch_size
+    before = {
+        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"before quantizing ({k})")["ppl"]
+        for k in ("validation", "test")
+    }
+    start = time.perf_counter()
+    grids, source, allocation = plan(bundle, config, blocks, device)
+    scales = quantize_model_(
+        bundle,
+        grids,
+        config.method,
+        blocks["calibration"][: config.calibration_blocks],
+        config.batch_size,
+        device,
+        config.gptq,
+        autocast_dtype(config.compute_dtype),
+    )
+    seconds = time.perf_counter() - start
+    bundle.quant = QuantTable(grids, scales, source)
+    after = {
+        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after quantizing ({k})")["ppl"]
+        for k in ("validation", "test")
+    }
+    avg = average_bits(bundle, grids, source)
+    layers = layer_rows(bundle, grids, source, allocation)
+    kept = all(g is None for g in grids.values())
+    final = {
+        "method": config.label,
+        "rounding": config.method,
+        "bits": config.bits,
+        "group": config.mixed.group if config.mixed.enabled else config.group,
+        "sym": config.sym,
+        "avg_bits": avg,
+        "source_grid": source.describe() if source else None,
+        "kept_source_grid": kept,
+        "ppl_val_before": before["validation"],
+        "ppl_test_before": before["test"],
+        "ppl_val": after["validation"],
+        "ppl_test": after["test"],
+        "seconds": seconds,
+    }
+    log.info(
+        "quantized (%s%s): %.3f bits per weight, test perplexity %.3f -> %.3f (%+.1f %%) in %.0f s",
+        config.label,
+        f"; weights already on {source.describe()}, kept on it" if kept and source else "",
+        avg,
+        before["test"],
+        after["test"],
+        100 * (after["test"] / before["test"] - 1),
+        seconds,
+    )
+    bundle.origin = {**bundle.origin, "quantize": config.label, "avg_bits": avg}
+    title = f"Bits per layer: {config.label}, {avg:.3f} average"
+    report = {
+        "recipe_hash": recipe.hash(),
+        "config": config.model_dump(mode="json"),
+        "final": final,
+        "allocation": allocation,
+        "layers": layers,
+    }
+    metrics = {f"quantize.{k}": v for k, v in final.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return (
+        bundle,
+        report,
+        plots.quantize_figure(layers, title),
+        {"recipe_hash": recipe.hash(), "quantize": final},
+        metrics,
+    )
