@@ -77,6 +77,22 @@ def test_the_accepted_reference_makes_later_waves_keep_a_healed_gain(tiny_bundle
     assert state.rows[-1]["decision"] == "strike" and "over the accepted 8.000 (wave 1)" in state.rows[-1]["reason"]
 
 
+def test_a_strike_in_the_last_wave_stands_and_the_skipped_waves_say_so(tiny_bundle):
+    config = _config()
+    last = len(config.wave_targets())
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    for wave in range(1, last):
+        _run(state, config, wave, 10.0)
+    _run(state, config, last, 11.0)
+    assert state.rows[-1]["decision"] == "strike"
+    _run(state, config, last + 1, 11.0)
+    assert state.rows[-1]["decision"] == "skipped"
+    assert state.rows[-1]["reason"] == (
+        f"schedule complete; wave {last} stays with 1 strike(s) of 2 (the stop-loss reverts only after that many "
+        "in a row)"
+    )
+
+
 def test_gradual_rollback_restores_a_third_per_wave_most_important_first(tiny_bundle):
     config = _config(rollback="gradual", rollback_waves=3)
     state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")

@@ -153,6 +153,12 @@ def decay(
         log.info("wave %d: restored part %d of %d (%d weights)", wave, part + 1, parts, restored)
     elif state.gate.phase == STOPPED or wave > len(targets):
         why = f"decay stopped ({state.gate.stop_reason})" if state.gate.phase == STOPPED else "schedule complete"
+        if state.gate.pending:  # strikes short of the count: not reverted, not accepted either
+            waves_ = ", ".join(map(str, state.gate.pending))
+            why += (
+                f"; wave {waves_} stays with {state.gate.strikes} strike(s) of {config.gate.strikes} "
+                "(the stop-loss reverts only after that many in a row)"
+            )
         state.current.update(action="skip", reason=why)
     else:
         before = {name: w.detach().clone() for name, w in state.linears().items()}
