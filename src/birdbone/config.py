@@ -698,14 +698,14 @@ class MixedConfig(Stage):
           enabled: false
           avg_bits: 4.5       # storage bits per weight, float16 scales included
           levels: [8, 4]      # every layer starts at the highest; low-usage layers go down first
-          group: 128          # the groups of the mixed grids (null: one per row)
+          group: 64           # the groups of the mixed grids (null: one per row)
           stress: {loss_spike: 0.01, grad_spike: 2.0, blocks: 4, rounds: 2}
     """
 
     enabled: bool = False
     avg_bits: Annotated[float, Field(gt=0)] = 4.5
     levels: Annotated[list[Annotated[int, Field(ge=2, le=8)]], Field(min_length=1)] = [8, 4]
-    group: PositiveInt | None = 128
+    group: PositiveInt | None = 64
     stress: StressConfig = StressConfig()
 
     @model_validator(mode="after")

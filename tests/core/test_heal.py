@@ -107,3 +107,33 @@ def test_qlora_trains_on_4bit_and_merges_into_the_full_precision_weights(tiny_bu
     assert all(w.dtype == torch.float32 for w in after.values())  # merged into full precision, not 4-bit
     assert MaskSet.from_weights(after).equals(masks)
     assert evaluate.perplexity(tiny_bundle.model, validation, device="cuda")["ppl"] < 0.9 * ppl_before
+
+
+def test_pruned_weights_stay_positive_zero_so_a_healed_wave_removes_only_what_it_pruned(tiny_bundle):
+    from birdbone.core.masks import WaveDelta
+
+    masks = pruned(tiny_bundle)
+    assert not any(torch.signbit(w[w == 0]).any() for w in weights(tiny_bundle).values())  # +0.0, not -0.0
+    heal_(tiny_bundle, masks, patterned(16), config(steps=3))
+    before = weights(tiny_bundle)
+    assert not any(torch.signbit(w[w == 0]).any() for w in before.values())
+    # the next wave: prune more, heal again; its delta removes exactly the newly pruned weights
+    more, _ = prune_(
+        tiny_bundle, "wanda", UnstructuredPattern(kind="unstructured", sparsity=0.7), blocks_of(4, 512), prior=masks
+    )
+    heal_(tiny_bundle, more, patterned(16), config(steps=3))
+    delta = WaveDelta.between(before, weights(tiny_bundle))
+    newly = sum(int((masks[n] & ~more[n]).sum()) for n in masks)
+    assert delta.removed() == newly
+
+
+def test_a_zero_whose_sign_flipped_is_no_removed_weight_and_is_restored_bit_for_bit():
+    from birdbone.core.masks import WaveDelta
+
+    before = {"w": torch.tensor([-0.0, 1.0, 2.0, 0.0])}
+    after = {"w": torch.tensor([0.0, 0.0, 2.5, -0.0])}
+    delta = WaveDelta.between(before, after)
+    assert delta.removed() == 1 and delta.params["w"].removed_index.tolist() == [1]
+    target = {"w": after["w"].clone()}
+    delta.invert_(target)
+    assert target["w"].view(torch.int32).tolist() == before["w"].view(torch.int32).tolist()

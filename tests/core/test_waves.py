@@ -64,7 +64,7 @@ def test_a_healed_wave_below_dense_is_no_margin_the_next_wave_must_keep(tiny_bun
     state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
     _run(state, config, 1, 8.0)  # healing on the user's text: below dense
     _run(state, config, 2, 10.2)  # +27.5 % over wave 1, but +2 % over dense: kept
-    assert state.rows[-1]["decision"] == "kept" and "over dense 10.000" in state.rows[-1]["reason"]
+    assert state.rows[-1]["decision"] == "kept" and "(+2.0% against dense 10.000" in state.rows[-1]["reason"]
     _run(state, config, 3, 10.6)  # above dense now: judged against wave 2 (+3.9 %)
     assert state.rows[-1]["decision"] == "strike" and "over the accepted 10.200 (wave 2)" in state.rows[-1]["reason"]
 

@@ -84,7 +84,7 @@ def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any
             )
         state.reference_ppl, state.reference_kl, state.reference_wave = ppl, kl or 0.0, wave
         state.strikes, state.pending = 0, []
-        return Verdict("kept", f"perplexity {ppl:.3f} ({rise:+.1%} over {against})")
+        return Verdict("kept", f"perplexity {ppl:.3f} ({rise:+.1%} against {against})")
     state.strikes += 1
     state.pending.append(wave)
     reason = "; ".join(problems)

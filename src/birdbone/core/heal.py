@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from birdbone.core import evaluate
-from birdbone.core.masks import MaskSet
+from birdbone.core.masks import MaskSet, zero_masked_
 from birdbone.errors import HealError
 
 log = logging.getLogger(__name__)
@@ -463,5 +463,5 @@ def _merge_(linears: dict[str, nn.Linear], deltas: dict[str, torch.Tensor], mask
         merged = weight.float() + deltas[name].to(weight.device)
         key = f"{name}.weight"
         if masks is not None and key in masks:
-            merged.mul_(masks[key].to(weight.device))
+            zero_masked_(merged, masks[key])
         weight.copy_(merged.to(weight.dtype))

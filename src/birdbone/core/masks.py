@@ -98,7 +98,7 @@ class MaskSet:
             param = params[name]
             if param.shape != mask.shape:
                 raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, parameter {tuple(param.shape)}")
-            param.mul_(mask.to(param.device, param.dtype))
+            zero_masked_(param.data, mask)
 
     def kept(self, name: str) -> int:
         """Number of weights the mask keeps (a popcount of the bitmap; padding bits are 0)."""
@@ -145,6 +145,12 @@ class MaskSet:
             masks._bits[name] = packed[name].numpy()
             masks._shapes[name] = tuple(shape)
         return masks
+
+
+def zero_masked_(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sets the weights ``mask`` removes to +0.0 in place. Not ``weight * mask``: that makes a
+    negative weight -0.0, and a later +0.0 at the same place would read as a change."""
+    return weight.masked_fill_(~mask.to(weight.device, torch.bool), 0.0)
 
 
 # --------------------------------------------------------------------------- deltas
@@ -208,7 +214,7 @@ class WaveDelta:
             new = after[name]
             old_flat, new_flat = old.detach().reshape(-1).cpu(), new.detach().reshape(-1).cpu()
             changed = old_flat.view(_bits_of(old)) != new_flat.view(_bits_of(new))  # bitwise: -0.0 and NaN count
-            removed = changed & (new_flat == 0)
+            removed = changed & (new_flat == 0) & (old_flat != 0)  # a zero whose sign flipped was not removed
             updated = changed & ~removed
             idx = removed.nonzero().reshape(-1)
             score = _scores(name, old_flat[idx], idx, importance)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from birdbone.core.masks import MaskSet
+from birdbone.core.masks import MaskSet, zero_masked_
 from birdbone.core.prune.patterns import check_mask, keep_mask
 from birdbone.core.walk import InputStats
 
@@ -72,7 +72,7 @@ class LayerPruner:
         """Masks the layer in place under ``pattern`` (keeping ``prior``'s removals) and
         returns its keep-mask."""
         mask = self.mask_from(self.scores(linear, stats), pattern, prior)
-        linear.weight.mul_(mask.to(linear.weight.dtype))
+        zero_masked_(linear.weight.data, mask)
         return mask
 
     def process(

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from birdbone.core.masks import zero_masked_
 from birdbone.core.profile import gradient_magnitude
 from birdbone.core.prune.base import LayerPruner, register
 
@@ -39,5 +40,5 @@ class GradientPruner(LayerPruner):
     ) -> torch.Tensor:
         grad = self.gradients[name].to(linear.weight.device)
         mask = self.mask_from(linear.weight.detach().abs().float() * grad, pattern, prior)
-        linear.weight.mul_(mask.to(linear.weight.dtype))
+        zero_masked_(linear.weight.data, mask)
         return mask

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from birdbone.core import structure
-from birdbone.core.masks import MaskSet
+from birdbone.core.masks import MaskSet, zero_masked_
 from birdbone.core.profile import block_influence_of, column_importance, head_importance
 from birdbone.core.prune.patterns import describe
 from birdbone.core.stream import require_in_memory
@@ -188,7 +188,7 @@ class _StructuredPruner:
             if name in units:
                 axis, kept = units[name]
                 mask &= kept[:, None] if axis == "rows" else kept[None, :]
-            linear.weight.mul_(mask.to(linear.weight.device, linear.weight.dtype))
+            zero_masked_(linear.weight.data, mask)
             self.masks[f"{self.adapter.blocks_path}.{index}.{name}.weight"] = mask
 
     def _input_norm(self, stats: InputStats) -> torch.Tensor:
