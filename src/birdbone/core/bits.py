@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from birdbone.core.quantize import Grid, check_budget, check_grid, rtn
-from birdbone.core.walk import InputStats, calibration_walk
+from birdbone.core.walk import InputStats, ReadOnlyMethod, calibration_walk
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,8 @@ def _average(grids: dict[str, Grid], sizes: dict[str, tuple[int, int]]) -> float
     return sum(grids[n].bits_per_weight(c) * r * c for n, (r, c) in sizes.items()) / total
 
 
-class _Usage:
+class _Usage(ReadOnlyMethod):
     """A read-only walk that keeps each Linear's input norms ||X_j||^2 (per token)."""
-
-    needs_inputs = True
-    needs_gram = False
-    needs_frequency = False
-    modifies_blocks = False
 
     def __init__(self, prefix: str):
         self.prefix = prefix

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from birdbone.core.stream import require_in_memory
-from birdbone.core.walk import InputStats, autocast_dtype, calibration_walk
+from birdbone.core.walk import InputStats, ReadOnlyMethod, autocast_dtype, calibration_walk
 
 
 def block_influence_of(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
@@ -42,12 +42,10 @@ def head_importance(input_norm: torch.Tensor, o_weight: torch.Tensor, head_dim: 
     return column_importance(input_norm, o_weight).reshape(-1, head_dim).sum(-1)
 
 
-class _Profiler:
+class _Profiler(ReadOnlyMethod):
     """A walk method that records statistics and changes nothing."""
 
-    needs_inputs = True
     needs_frequency = True
-    modifies_blocks = False
 
     def __init__(self, adapter: Any, config: Any, want_gram: bool, frequency_eps: float = 1e-3):
         self.adapter = adapter

@@ -138,6 +138,17 @@ class BlockMethod(Protocol):
         """Acts on one block (in place) after its calibration statistics are in."""
 
 
+class ReadOnlyMethod:
+    """Base of the walk methods that only look: inputs collected (no Gram matrix, no
+    activation counts unless a subclass asks), blocks left unchanged, so the statistics
+    pass's outputs feed the next block without a second pass."""
+
+    needs_inputs = True
+    needs_gram = False
+    needs_frequency = False
+    modifies_blocks = False
+
+
 class _Captured(Exception):
     pass
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from birdbone.core.walk import InputStats, calibration_walk, resident_block
+from birdbone.core.walk import InputStats, ReadOnlyMethod, calibration_walk, resident_block
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,8 @@ def _wanda_scores(linears: dict[str, nn.Linear], norms: dict[str, torch.Tensor])
     ]
 
 
-class _OutlierWalk:
+class _OutlierWalk(ReadOnlyMethod):
     """A read-only walk method: each block's outlier ratio on the unchanged model."""
-
-    needs_inputs = True
-    needs_gram = False
-    needs_frequency = False
-    modifies_blocks = False
 
     def __init__(self, threshold: float):
         self.threshold = threshold

@@ -27,7 +27,7 @@ from birdbone.core.masks import MaskSet, zero_masked_
 from birdbone.core.profile import block_influence_of, column_importance, head_importance
 from birdbone.core.prune.patterns import describe
 from birdbone.core.stream import require_in_memory
-from birdbone.core.walk import InputStats, calibration_walk
+from birdbone.core.walk import InputStats, ReadOnlyMethod, calibration_walk
 from birdbone.errors import PruneError
 
 log = logging.getLogger(__name__)
@@ -196,13 +196,8 @@ class _StructuredPruner:
         return stats.norm() if self.criterion == "wanda" else torch.ones(stats.features)
 
 
-class _BlockInfluence:
+class _BlockInfluence(ReadOnlyMethod):
     """Measures each block's influence, 1 - mean cos(input, output), without changing it."""
-
-    needs_inputs = True
-    needs_gram = False
-    needs_frequency = False
-    modifies_blocks = False
 
     def __init__(self) -> None:
         self.influence: dict[int, float] = {}
