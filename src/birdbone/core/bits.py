@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from birdbone.core.quantize import Grid, check_budget, check_grid, rtn
+from birdbone.core.quantize import Grid, check_budget, check_grid, mean_bits, rtn
 from birdbone.core.walk import InputStats, ReadOnlyMethod, calibration_walk
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Allocation:
     stress: list[dict[str, Any]] = field(default_factory=list)  # per round: per-block loss and gradient spikes
 
     def average_bits(self) -> float:
-        return _average(self.grids, self.sizes)
+        return mean_bits(self.grids, self.sizes)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -51,11 +51,6 @@ class Allocation:
             "boosted": self.boosted,
             "stress": self.stress,
         }
-
-
-def _average(grids: dict[str, Grid], sizes: dict[str, tuple[int, int]]) -> float:
-    total = sum(r * c for r, c in sizes.values())
-    return sum(grids[n].bits_per_weight(c) * r * c for n, (r, c) in sizes.items()) / total
 
 
 class _Usage(ReadOnlyMethod):
@@ -113,7 +108,7 @@ def _lower(
     """Lowers the cheapest layers a level at a time until the average meets ``target``;
     False when the layers not ``frozen`` cannot go lower."""
     down = {high: low for high, low in zip(levels, levels[1:], strict=False)}
-    while _average(grids, sizes) > target + 1e-9:
+    while mean_bits(grids, sizes) > target + 1e-9:
         best, best_rate = None, float("inf")
         for name, grid in grids.items():
             if name in frozen or grid.bits not in down:

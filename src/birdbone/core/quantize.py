@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from birdbone.core.linalg import inverse_cholesky, invertible_hessian
+from birdbone.core.walk import calibration_walk
 from birdbone.errors import QuantizeError
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -316,8 +317,6 @@ def quantize_model_(
             damp, act_order).
         compute_dtype: autocast type of the calibration forward passes (GPTQ's math is float32).
     """
-    from birdbone.core.walk import calibration_walk
-
     if method not in ("rtn", "gptq"):
         raise QuantizeError(f"unknown quantization method '{method}'. Fix: quantize.method rtn or gptq.")
     if method == "gptq" and (calibration is None or calibration.shape[0] == 0):
@@ -341,24 +340,29 @@ def plan_grids(bundle: Any, grid: Grid, keep_source_grid: bool = True) -> tuple[
     return {name: grid for name in weights}, source
 
 
+def linear_sizes(bundle: Any) -> dict[str, tuple[int, int]]:
+    """Each block Linear's weight name and shape."""
+    return {f"{name}.weight": tuple(lin.weight.shape) for name, lin in bundle.adapter.linears(bundle.model).items()}
+
+
+def mean_bits(grids: dict[str, Grid | None], sizes: dict[str, tuple[int, int]]) -> float:
+    """Storage bits per weight over ``sizes``, scales included (no grid: 16 bits)."""
+    total = sum(r * c for r, c in sizes.values())
+    bits = sum((grids[n].bits_per_weight(c) if grids[n] is not None else 16.0) * r * c for n, (r, c) in sizes.items())
+    return bits / max(total, 1)
+
+
 def average_bits(bundle: Any, grids: dict[str, Grid | None], source: Grid | None = None) -> float:
     """Storage bits per block-Linear weight, scales included (a kept layer counts at its
     source grid, or 16 bits when it has none)."""
-    total = bits = 0.0
-    for name, linear in bundle.adapter.linears(bundle.model).items():
-        grid = grids[f"{name}.weight"] or source
-        n = linear.weight.numel()
-        total += n
-        bits += n * (grid.bits_per_weight(linear.weight.shape[1]) if grid is not None else 16.0)
-    return bits / max(total, 1.0)
+    return mean_bits({name: grid or source for name, grid in grids.items()}, linear_sizes(bundle))
 
 
 def check_budget(
     sizes: dict[str, tuple[int, int]], levels: list[int], group: int | None, sym: bool, target: float
 ) -> None:
     """Raises before compute when a bit budget is below what the lowest level gives."""
-    total = sum(r * c for r, c in sizes.values())
-    floor = sum(Grid(min(levels), group, sym).bits_per_weight(c) * r * c for r, c in sizes.values()) / total
+    floor = mean_bits(dict.fromkeys(sizes, Grid(min(levels), group, sym)), sizes)
     if target < floor - 1e-9:
         raise QuantizeError(
             f"a bit budget of {target} bits per weight is below what the minimum of {min(levels)} bits allows "
@@ -370,9 +374,7 @@ def check_budget(
 def check_quantize(bundle: Any, config: Any) -> None:
     """Every check a ``QuantizeConfig`` needs of the model, before any compute: the group
     divides every layer, the bit budget is reachable."""
-    sizes = {
-        f"{name}.weight": tuple(linear.weight.shape) for name, linear in bundle.adapter.linears(bundle.model).items()
-    }
+    sizes = linear_sizes(bundle)
     grids = [Grid(config.bits, config.group, config.sym)]
     if config.mixed.enabled:
         grids = [Grid(b, config.mixed.group, config.sym) for b in config.mixed.levels]
