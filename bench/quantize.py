@@ -48,9 +48,8 @@ from prune_quality import machine  # noqa: E402
 from birdbone.config import DataConfig, DefaultModel, QuantizeConfig  # noqa: E402
 from birdbone.core import data, evaluate, modeling, plots  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
-from birdbone.core.quantize import average_bits, check_quantize, quantize_model_  # noqa: E402
-from birdbone.core.walk import autocast_dtype  # noqa: E402
-from birdbone.pipelines.quantize.nodes import plan  # noqa: E402
+from birdbone.core.quantize import average_bits, check_quantize  # noqa: E402
+from birdbone.pipelines.quantize.nodes import quantize_with  # noqa: E402
 
 log = logging.getLogger("bench.quantize")
 
@@ -167,17 +166,7 @@ def measure(
     else:
         config = QuantizeConfig(enabled=True, **overrides)
         work = copy.deepcopy(bundle)
-        grids, source, allocation = plan(work, config, blocks, "cpu")
-        quantize_model_(
-            work,
-            grids,
-            config.method,
-            blocks["calibration"][: config.calibration_blocks],
-            config.batch_size,
-            "cpu",
-            config.gptq,
-            autocast_dtype(config.compute_dtype),
-        )
+        grids, source, allocation, _ = quantize_with(work, config, blocks, "cpu")
         kept = all(g is None for g in grids.values())
         row.update(
             method=config.label,

@@ -47,6 +47,25 @@ def plan(
     return dict(allocation.grids), None, allocation.to_json()
 
 
+def quantize_with(
+    bundle: modeling.ModelBundle, config: QuantizeConfig, blocks: dict[str, torch.Tensor], device: Any
+) -> tuple[dict[str, Grid | None], Grid | None, dict[str, Any] | None, dict[str, Any]]:
+    """Plans the grids and quantizes ``bundle`` in place: (grids, source grid, mixed
+    allocation or None, scales). The node and ``bench/quantize.py`` both run this."""
+    grids, source, allocation = plan(bundle, config, blocks, device)
+    scales = quantize_model_(
+        bundle,
+        grids,
+        config.method,
+        blocks["calibration"][: config.calibration_blocks],
+        config.batch_size,
+        device,
+        config.gptq,
+        autocast_dtype(config.compute_dtype),
+    )
+    return grids, source, allocation, scales
+
+
 def layer_rows(
     bundle: modeling.ModelBundle, grids: dict[str, Grid | None], source: Grid | None, allocation: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
@@ -95,17 +114,7 @@ def quantize_model(
         for k in ("validation", "test")
     }
     start = time.perf_counter()
-    grids, source, allocation = plan(bundle, config, blocks, device)
-    scales = quantize_model_(
-        bundle,
-        grids,
-        config.method,
-        blocks["calibration"][: config.calibration_blocks],
-        config.batch_size,
-        device,
-        config.gptq,
-        autocast_dtype(config.compute_dtype),
-    )
+    grids, source, allocation, scales = quantize_with(bundle, config, blocks, device)
     seconds = time.perf_counter() - start
     bundle.quant = QuantTable(grids, scales, source)
     after = {
