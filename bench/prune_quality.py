@@ -8,6 +8,12 @@ Prints a table, writes JSON (bench/results/prune_quality.json) and a PNG beside 
 checks the issue's targets: SparseGPT <= Wanda <= magnitude in perplexity at 50 % and at
 2:4; Wanda 50 % within +110 % of dense; Wanda (64 x 512 calibration tokens) under 60 s;
 SparseGPT under 5 minutes; the same run twice gives the same masks bit for bit.
+
+    .venv/bin/python bench/prune_quality.py --scaffold           # the scaffold study alone
+
+``--scaffold`` compares the seed's scaffold (a low-rank part plus a sparse residual,
+``core/prune/scaffold.py``) with Wanda and SparseGPT at the same count of numbers kept
+(50 % and 70 % removed), into ``scaffold`` of the same JSON and ``prune_scaffold.png``.
 """
 
 from __future__ import annotations
@@ -87,6 +93,12 @@ def main() -> int:
     parser.add_argument(
         "--plot-only", action="store_true", help="redraw the PNG from the JSON at --out, measure nothing"
     )
+    parser.add_argument(
+        "--scaffold",
+        action="store_true",
+        help="only the scaffold study (low-rank + sparse against Wanda and SparseGPT at the same count of "
+        "numbers), written into the JSON at --out beside the rows already there",
+    )
     args = parser.parse_args()
     if args.plot_only:
         rows = json.loads(args.out.read_text())["rows"]
@@ -95,6 +107,8 @@ def main() -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     compute = getattr(torch, args.compute_dtype)
+    if args.scaffold:
+        return scaffold_study(args, compute)
 
     config = DataConfig.model_validate(
         {
@@ -344,11 +358,146 @@ def main() -> int:
         "extra_rows": extra_rows,
         "targets": targets,
     }
+    if args.out.is_file() and "scaffold" in (earlier := json.loads(args.out.read_text())):
+        result["scaffold"] = earlier["scaffold"]  # the scaffold study (--scaffold) stays
     write_json_atomic(args.out, result)
     extra = [{**r, "method": "influence"} for r in extra_rows]
     write_bytes_atomic(args.out.with_suffix(".png"), figure_png(rows + extra, dense))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
+
+
+# The scaffold study: the same count of numbers kept (the factors' numbers count as kept).
+SCAFFOLD_STUDY = {"sparsity": [0.5, 0.7], "rank_share": [0.1, 0.25], "iterations": 20}
+
+
+def scaffold_study(args: argparse.Namespace, compute: torch.dtype) -> int:
+    """Scaffold (low-rank + sparse) against Wanda and SparseGPT at equal numbers kept, in one
+    run; its rows go into ``scaffold`` of the JSON at ``--out`` (the other rows stay)."""
+    from birdbone.core.lowrank import add_factors_
+    from birdbone.core.prune.scaffold import scaffold_
+
+    config = DataConfig.model_validate(
+        {
+            "sources": [{"kind": "pydoc_topics"}],
+            "block_size": 512,
+            "splits": {"test": 32, "validation": args.validation, "calibration": args.calibration, "healing": "rest"},
+        }
+    )
+    bundle = modeling.load_model(DefaultModel(kind="default"))
+    blocks, _ = data.build_blocks(config, bundle.tokenizer)
+    dense_state = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+    block_numbers = sum(lin.weight.numel() for lin in bundle.adapter.linears(bundle.model).values())
+
+    def ppl() -> float:
+        return evaluate.perplexity(bundle.model, blocks["validation"], 4, desc="validation perplexity")["ppl"]
+
+    rows = [{"method": "dense", "sparsity": 0.0, "ppl": ppl(), "seconds": 0.0}]
+    for sparsity in SCAFFOLD_STUDY["sparsity"]:
+        pattern = UnstructuredPattern(kind="unstructured", sparsity=sparsity)
+        for method in ("wanda", "sparsegpt"):
+            bundle.model.load_state_dict(dense_state)
+            start = time.perf_counter()
+            _, report = prune_(
+                bundle,
+                method,
+                pattern,
+                blocks["calibration"],
+                args.batch_size,
+                options=OPTIONS.get(method),
+                compute_dtype=compute,
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "sparsity": report["sparsity"],
+                    "numbers_kept": 1 - report["sparsity"],
+                    "ppl": ppl(),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            log.info("%s %.0f%%: ppl %.3f", method, 100 * sparsity, rows[-1]["ppl"])
+        for share in SCAFFOLD_STUDY["rank_share"]:
+            bundle.model.load_state_dict(dense_state)
+            masks, factors, report = scaffold_(
+                bundle,
+                sparsity,
+                blocks["calibration"],
+                share,
+                SCAFFOLD_STUDY["iterations"],
+                args.batch_size,
+                compute_dtype=compute,
+            )
+            add_factors_(bundle, factors)  # what the sparse model computes with its scaffold adapter
+            factor_numbers = sum(b.numel() + a.numel() for b, a in factors.values())
+            rows.append(
+                {
+                    "method": "scaffold",
+                    "rank_share": share,
+                    "sparsity": report["sparsity"],
+                    "sparse_part_sparsity": report["sparse_part_sparsity"],
+                    "numbers_kept": 1 - report["sparsity"],
+                    "factor_share": factor_numbers / block_numbers,
+                    "mean_rank": sum(report["ranks"].values()) / len(report["ranks"]),
+                    "ppl": ppl(),
+                    "seconds": report["seconds"],
+                }
+            )
+            log.info("scaffold %.0f%% (rank share %.2f): ppl %.3f", 100 * sparsity, share, rows[-1]["ppl"])
+    dense = rows[0]["ppl"]
+    print(f"\n{'method':<20} {'kept':>6} {'S sparsity':>10} {'ppl':>9} {'x dense':>8} {'seconds':>8}")
+    for r in rows:
+        label = r["method"] + (f" k={r['rank_share']}" if "rank_share" in r else "")
+        print(
+            f"{label:<20} {1 - r['sparsity']:>6.3f} {r.get('sparse_part_sparsity', r['sparsity']):>10.4f} "
+            f"{r['ppl']:>9.3f} {r['ppl'] / dense:>8.3f} {r['seconds']:>8.1f}"
+        )
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
+    result["scaffold"] = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "settings": {**SCAFFOLD_STUDY, "calibration_blocks": args.calibration, "compute_dtype": args.compute_dtype},
+        "rows": rows,
+    }
+    write_json_atomic(args.out, result)
+    write_bytes_atomic(args.out.with_name("prune_scaffold.png"), scaffold_png(rows))
+    print(f"\nwrote the scaffold study into {args.out} and {args.out.with_name('prune_scaffold.png')}")
+    return 0
+
+
+def scaffold_png(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = rows[0]["ppl"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, color in (("wanda", "tab:orange"), ("sparsegpt", "tab:blue"), ("scaffold", "tab:green")):
+        for share in sorted({r.get("rank_share") for r in rows if r["method"] == method}, key=str):
+            mine = sorted(
+                (r for r in rows if r["method"] == method and r.get("rank_share") == share), key=lambda r: r["sparsity"]
+            )
+            label = method + (f" (rank share {share})" if share is not None else "")
+            ax.plot(
+                [1 - r["sparsity"] for r in mine],
+                [r["ppl"] for r in mine],
+                "o-",
+                color=color,
+                label=label,
+                alpha=1.0 if share in (None, 0.25) else 0.5,
+            )
+    ax.axhline(dense, color="black", linestyle="--", lw=0.8, label=f"dense {dense:.2f}")
+    ax.set(
+        xlabel="share of block-Linear numbers kept",
+        ylabel="validation perplexity (log)",
+        yscale="log",
+        title="Scaffold (low-rank + sparse) against pruning at the same count",
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return plots.png_bytes(fig)
 
 
 def figure_png(rows: list[dict], dense: float) -> bytes:

@@ -12,7 +12,9 @@ Two models:
   whatever the rounding. ``keep`` rows let bird-bone detect the source grid and keep to it.
 - ``healed``: the default recipe's result (Wanda 50 % in waves, LoRA healing in each wave
   and a final heal: ``models/healed`` of ``kedro run``), whose weights healing moved off
-  any grid.
+  any grid. ``fake-quant heal`` rows redo that final heal from ``models/decayed`` (same
+  steps, learning rate, distillation) with the setting's grids simulated in the forward
+  pass (``heal.final.fake_quant``), then quantize: against quantizing the healed model.
 
 Settings: ``none`` (unquantized), ``rtn`` and ``gptq`` (act-order, 32 calibration blocks)
 on the symmetric (Q4_0: 4.5 bits per weight with its float16 scales) and asymmetric (Q4_1:
@@ -42,14 +44,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import yaml  # noqa: E402
 from heal import other_blocks  # noqa: E402
 from prune_quality import machine  # noqa: E402
 
-from birdbone.config import DataConfig, DefaultModel, QuantizeConfig  # noqa: E402
+from birdbone.config import DataConfig, DefaultModel, HealConfig, QuantizeConfig  # noqa: E402
 from birdbone.core import data, evaluate, modeling, plots  # noqa: E402
+from birdbone.core.heal import heal_, healing_view  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
-from birdbone.core.quantize import average_bits, check_quantize  # noqa: E402
-from birdbone.pipelines.quantize.nodes import quantize_with  # noqa: E402
+from birdbone.core.lowrank import add_factors_, correction_bits  # noqa: E402
+from birdbone.core.quantize import (  # noqa: E402
+    average_bits,
+    check_quantize,
+    linear_sizes,  # noqa: E402
+)
+from birdbone.datasets import ModelDataset  # noqa: E402
+from birdbone.pipelines.quantize.nodes import corrected_weights, corrections_for, plan, quantize_with  # noqa: E402
 
 log = logging.getLogger("bench.quantize")
 
@@ -72,15 +82,45 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
         "mixed": {"enabled": True, "avg_bits": 4.5, "levels": [8, 6, 5, 4, 3], "group": 32},
     },
 }
+# a low-rank correction of each layer's quantization error (a LoRA adapter; its float16
+# numbers count in the bits per weight)
+for rank in (4, 16):
+    SETTINGS[f"gptq sym, correction rank {rank}"] = {**SETTINGS["gptq sym"], "lowrank": {"correction_rank": rank}}
+# the same settings after a final heal with their grids simulated (fake-quant, from models/decayed)
+# (round-to-nearest is what the fake-quant simulates; GPTQ afterwards rounds differently)
+FAKE_QUANT = {
+    "fake-quant heal, rtn sym": "rtn sym",
+    "fake-quant heal, gptq sym": "gptq sym",
+    "fake-quant heal, mixed 4.5 (rtn)": "mixed 4.5",
+    "fake-quant heal, mixed 4.5, 3-8 bits g32 (rtn)": "mixed 4.5, 3-8 bits g32",
+}
+SETTINGS.update(
+    {
+        name: {**SETTINGS[base], "fake_quant": True, **({"method": "rtn"} if "(rtn)" in name else {})}
+        for name, base in FAKE_QUANT.items()
+    }
+)
 MODELS = {
     "default": list(SETTINGS),
-    "healed": ["none", "rtn sym", "gptq sym", "rtn asym", "gptq asym", "mixed 4.5", "mixed 4.5, 3-8 bits g32"],
+    "healed": [
+        "none",
+        "rtn sym",
+        "gptq sym",
+        "rtn asym",
+        "gptq asym",
+        "mixed 4.5",
+        "mixed 4.5, 3-8 bits g32",
+        "gptq sym, correction rank 4",
+        "gptq sym, correction rank 16",
+        *FAKE_QUANT,
+    ],
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--healed", type=Path, default=Path("models/healed"), help="the healed model directory")
+    parser.add_argument("--decayed", type=Path, default=Path("models/decayed"), help="the model before the final heal")
     parser.add_argument("--test", type=int, default=32, help="test blocks of 512 tokens the numbers are on")
     parser.add_argument("--only", action="append", help="model/setting to run (repeatable)")
     parser.add_argument("--other-text", type=Path, default=Path("/usr/share/common-licenses"))
@@ -108,6 +148,12 @@ def main() -> int:
             "no healed model at %s: run `kedro run` first (it writes models/healed), or pass --healed", args.healed
         )
         return 2
+    if (
+        any(SETTINGS[s] and SETTINGS[s].get("fake_quant") for _, s in wanted)
+        and not (args.decayed / "birdbone.json").is_file()
+    ):
+        log.error("no decayed model at %s: run `kedro run` first (it writes models/decayed)", args.decayed)
+        return 2
     rows = []
     for model_name in dict.fromkeys(m for m, _ in wanted):
         bundle = load(model_name, args.healed)
@@ -117,9 +163,10 @@ def main() -> int:
         settings = [s for m, s in wanted if m == model_name]
         for setting in settings:  # every setting must fit the model before any is measured
             if SETTINGS[setting] is not None:
-                check_quantize(bundle, QuantizeConfig(enabled=True, **SETTINGS[setting]))
+                check_quantize(bundle, quantize_config(setting))
+        healer = FakeQuantHealer(args.decayed, blocks)
         for setting in settings:
-            rows.append(measure(bundle, model_name, setting, blocks, test, other))
+            rows.append(measure(bundle, model_name, setting, blocks, test, other, healer))
             log.info("%s / %s: %s", model_name, setting, json.dumps(rows[-1]))
             write_json_atomic(args.out.with_suffix(".partial.json"), {"rows": rows})  # a crash keeps what is done
     if args.merge and args.out.is_file():
@@ -144,9 +191,50 @@ def main() -> int:
 def load(name: str, healed: Path) -> modeling.ModelBundle:
     if name == "default":
         return modeling.load_model(DefaultModel(kind="default"))
-    from birdbone.datasets import ModelDataset
-
     return ModelDataset(str(healed)).load()
+
+
+def quantize_config(setting: str) -> QuantizeConfig:
+    return QuantizeConfig(enabled=True, **{k: v for k, v in (SETTINGS[setting] or {}).items() if k != "fake_quant"})
+
+
+class FakeQuantHealer:
+    """The default recipe's final heal of ``models/decayed``, redone against a setting's
+    grids; one healed model per grid plan (rtn and gptq on one grid share it)."""
+
+    def __init__(self, decayed: Path, blocks: dict[str, torch.Tensor]):
+        self.decayed, self.blocks = decayed, blocks
+        base = yaml.safe_load(Path("conf/base/parameters_heal.yml").read_text())["heal"]
+        self.config = HealConfig.model_validate(base)
+        self.teacher: dict[str, torch.Tensor] | None = None
+        self.healed: dict[str, tuple[modeling.ModelBundle, dict[str, Any]]] = {}
+
+    def heal(self, config: QuantizeConfig) -> tuple[modeling.ModelBundle, dict[str, Any]]:
+        key = json.dumps(config.model_dump(mode="json", exclude={"method"}), sort_keys=True)
+        if key not in self.healed:
+            bundle = ModelDataset(str(self.decayed)).load()
+            if self.teacher is None and self.config.distill > 0:
+                dense = modeling.load_model(DefaultModel(kind="default"))
+                view = healing_view(self.blocks["healing"], self.config)
+                self.teacher = evaluate.teacher_topk(dense.model, view, self.config.distill_top_k, 4, "cpu")
+            grids, _, _ = plan(bundle, config, self.blocks, "cpu")
+            report = heal_(
+                bundle,
+                bundle.masks,
+                self.blocks["healing"],
+                self.config,
+                self.config.final.steps,
+                self.config.final.lr,
+                self.teacher,
+                self.blocks["validation"],
+                "cpu",
+                desc="final heal (fake-quant)",
+                fake_quant=grids,
+            )
+            info = {"heal_steps": report.steps, "heal_seconds": round(report.seconds, 1)}
+            info["ppl_unquantized"] = evaluate.perplexity(bundle.model, self.blocks["test"], 4, "cpu", "healed")["ppl"]
+            self.healed[key] = (bundle, info)
+        return self.healed[key]
 
 
 def measure(
@@ -156,24 +244,38 @@ def measure(
     blocks: dict[str, torch.Tensor],
     test: torch.Tensor,
     other: torch.Tensor | None,
+    healer: FakeQuantHealer,
 ) -> dict[str, Any]:
     overrides = SETTINGS[setting]
     row: dict[str, Any] = {"model": model_name, "setting": setting}
-    start = time.perf_counter()
     if overrides is None:
         work = bundle
         row.update(method="none", bits=None, group=None, sym=None, avg_bits=32.0, grid="float32")
+        start = time.perf_counter()
     else:
-        config = QuantizeConfig(enabled=True, **overrides)
-        work = copy.deepcopy(bundle)
+        config = quantize_config(setting)
+        if overrides.get("fake_quant"):
+            healed, info = healer.heal(config)
+            row.update(heal="final heal with fake-quant", **info)
+        start = time.perf_counter()
+        work = copy.deepcopy(healed if overrides.get("fake_quant") else bundle)
+        originals = corrected_weights(work) if config.lowrank.correction_rank else {}
         grids, source, allocation, _ = quantize_with(work, config, blocks, "cpu")
+        extra_bits = 0.0
+        if originals:
+            evaluated = time.perf_counter()
+            row["ppl_without_correction"] = evaluate.perplexity(work.model, test, 4, "cpu", "no correction")["ppl"]
+            start += time.perf_counter() - evaluated  # the seconds are the quantizing and correcting alone
+            add_factors_(work, corrections_for(work, originals, config, blocks, "cpu"))
+            extra_bits = correction_bits(linear_sizes(work), config.lowrank.correction_rank)
+            row["correction_rank"] = config.lowrank.correction_rank
         kept = all(g is None for g in grids.values())
         row.update(
             method=config.label,
             bits=config.mixed.levels if config.mixed.enabled else config.bits,
             group=config.mixed.group if config.mixed.enabled else config.group,
             sym=config.sym,
-            avg_bits=round(average_bits(work, grids, source), 4),
+            avg_bits=round(average_bits(work, grids, source) + extra_bits, 4),
             grid=f"kept on the source grid {source.describe()}" if kept and source else None,
         )
         if allocation:
@@ -224,6 +326,13 @@ def check(rows: list[dict[str, Any]]) -> int:
         rtn, gptq = by.get(("healed", f"rtn {grid}")), by.get(("healed", f"gptq {grid}"))
         if rtn and gptq:
             report(gptq["ppl"] < rtn["ppl"], f"healed, {grid} 4-bit: GPTQ {gptq['ppl']:.3f} < RTN {rtn['ppl']:.3f}")
+    for name, base in FAKE_QUANT.items():
+        trained, direct = by.get(("healed", name)), by.get(("healed", base))
+        if trained and direct:
+            print(
+                f"INFO: {base}: {trained['ppl']:.3f} after a fake-quant final heal against {direct['ppl']:.3f} "
+                f"quantizing the healed model ({trained['ppl'] / direct['ppl'] - 1:+.2%})"
+            )
     none = by.get(("healed", "none"))
     mixes = [r for r in rows if r["model"] == "healed" and r["method"] == "mixed"]
     mixed = min(mixes, key=lambda r: r["ppl"]) if mixes else None

@@ -163,6 +163,24 @@ def test_qlora_without_cuda_is_refused_before_compute():
     assert "heal.quantize: nf4 (QLoRA) needs a CUDA device" in message and "Fix: heal.quantize: none" in message
 
 
+def test_fake_quant_healing_without_a_quantize_stage_is_refused():
+    heal = {"enabled": True, "final": {"steps": 8, "lr": 1e-3, "fake_quant": True}}
+    message = error_of(merged(heal=heal, quantize={"enabled": False}))
+    assert "heal.final.fake_quant trains the final heal against the quantize stage's grids" in message
+    assert "Fix: quantize.enabled: true, or heal.final.fake_quant: false" in message
+    message = error_of(merged(heal=heal, quantize={"enabled": True, "method": "gptq"}))
+    assert "quantize.method gptq then rounds differently" in message
+    assert "Fix: quantize.method: rtn, or heal.final.fake_quant: false" in message
+    assert validate_recipe(merged(heal=heal, quantize={"enabled": True, "method": "rtn"}), None).heal.final.fake_quant
+
+
+@pytest.mark.parametrize("target", [0.0, 1.01])
+def test_an_explained_variance_target_outside_0_1_fails_validation(target):
+    message = error_of(merged(quantize={"enabled": True, "lowrank": {"explained_variance": target}}))
+    assert f"an explained-variance target of {target} is outside (0, 1]" in message
+    assert "Fix: quantize.lowrank.explained_variance in (0, 1]" in message
+
+
 def test_the_heal_taper_shrinks_steps_and_learning_rate():
     from birdbone.config import HealConfig
 

@@ -77,6 +77,33 @@ def test_the_quantized_model_keeps_the_masks_and_every_weight_is_on_its_grid(pro
         grid = bundle.quant.grid_of(name)
         assert grid == quantize.Grid(4, 32, True)
         quantize.codes(w, bundle.quant.scales[name], grid, keep)  # raises if a weight is off its grid
+    # the rank-2 corrections of the quantization error: a peft adapter beside the quantized weights
+    assert set(bundle.quant.corrections) == set(weights)
+    assert all(b.shape[1] == a.shape[0] == 2 for b, a in bundle.quant.corrections.values())
+    from peft import PeftModel
+
+    served = PeftModel.from_pretrained(bundle.model, str(project / "models/quantized/adapter"))
+    assert sum("lora_A" in n for n, _ in served.named_parameters()) == len(weights)
+    final = json.loads((project / "data/08_reporting/quantize.json").read_text())["final"]
+    assert final["correction_rank"] == 2 and final["ppl_test_without_correction"] > 0
+    assert final["avg_bits_with_correction"] > final["avg_bits"]
+    assert final["factorizable"]["pruned_kept_sparse"] == len(weights)  # every layer was pruned: none factorized
+
+
+def test_a_fake_quant_final_heal_then_round_to_nearest_keeps_masks_and_grid(project):
+    run(project, heal={"final": {"fake_quant": True}}, quantize={"method": "rtn"})
+    from birdbone.core import quantize
+    from birdbone.datasets import ModelDataset
+
+    healed = ModelDataset(str(project / "models/healed")).load()
+    assert healed.origin["heal"] == "final, fake-quant"
+    bundle = ModelDataset(str(project / "models/quantized")).load()
+    assert bundle.masks.equals(healed.masks)
+    for name, linear in bundle.adapter.linears(bundle.model).items():
+        key = f"{name}.weight"
+        quantize.codes(linear.weight.data, bundle.quant.scales[key], bundle.quant.grid_of(key), bundle.masks[key])
+    heal_report = json.loads((project / "data/08_reporting/heal.json").read_text())
+    assert heal_report["final"]["merged"] and heal_report["config"]["final"]["fake_quant"]
 
 
 def test_same_recipe_same_numbers(project):

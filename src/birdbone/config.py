@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from birdbone.core.io import sha256_json
-from birdbone.errors import ConfigError
+from birdbone.errors import ConfigError, QuantizeError
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -597,6 +597,8 @@ class FinalHealConfig(Stage):
 
     steps: Annotated[int, Field(ge=0)] = 64
     lr: Annotated[float, Field(gt=0, lt=1)] = 2e-4
+    # train against the quantize stage's grids (fake-quant, straight-through gradient)
+    fake_quant: bool = False
 
 
 class HealConfig(Stage):
@@ -721,6 +723,34 @@ class MixedConfig(Stage):
         return self
 
 
+class LowRankConfig(Stage):
+    """Low-rank factors beside quantization (``core.lowrank``).
+
+    Example::
+
+        lowrank:
+          report: true              # which block matrices U V would replace at the target, and what that saves
+          explained_variance: 0.9   # in (0, 1]: the energy share each matrix's kept ranks explain
+          min_saving: 0.1           # factorize only where r (out + in) <= (1 - min_saving) out in
+          correction_rank: 0        # > 0: a rank-k correction of each layer's quantization error (a LoRA adapter)
+    """
+
+    report: bool = True
+    explained_variance: float = 0.9
+    min_saving: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    correction_rank: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _target_in_range(self) -> LowRankConfig:
+        from birdbone.core.lowrank import check_target
+
+        try:
+            check_target(self.explained_variance)
+        except QuantizeError as exc:  # a ValueError, so the recipe's error names where it is
+            raise ValueError(str(exc)) from None
+        return self
+
+
 class QuantizeConfig(Stage):
     """Quantization of the decoder blocks' Linears after decay and healing (``core.quantize``).
 
@@ -738,6 +768,7 @@ class QuantizeConfig(Stage):
           compute_dtype: float32
           gptq: {block_size: 128, damp: 0.01, act_order: true}
           mixed: {enabled: false, avg_bits: 4.5, levels: [8, 4], group: 128}
+          lowrank: {report: true, explained_variance: 0.9, min_saving: 0.1, correction_rank: 0}
     """
 
     enabled: bool = False
@@ -751,6 +782,7 @@ class QuantizeConfig(Stage):
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gptq: GPTQOptions = GPTQOptions()
     mixed: MixedConfig = MixedConfig()
+    lowrank: LowRankConfig = LowRankConfig()
 
     @property
     def label(self) -> str:
@@ -814,6 +846,23 @@ class Recipe(Stage):
                     f"{'run.device: cpu' if self.run.device == 'cpu' else 'no CUDA device'}. "
                     "Fix: heal.quantize: none (LoRA on full-precision weights), or run with --env gpu on a CUDA machine"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fake_quant_needs_quantize(self) -> Recipe:
+        if not (self.heal.enabled and self.heal.final.fake_quant):
+            return self
+        if not self.quantize.enabled:
+            raise ValueError(
+                "heal.final.fake_quant trains the final heal against the quantize stage's grids, but "
+                "quantize.enabled is false. Fix: quantize.enabled: true, or heal.final.fake_quant: false"
+            )
+        if self.quantize.method != "rtn":
+            raise ValueError(
+                "heal.final.fake_quant trains the adapters around round-to-nearest on the quantize grids; "
+                f"quantize.method {self.quantize.method} then rounds differently and undoes it (bench/quantize.py: "
+                "12.39 with rtn, 13.39 with gptq). Fix: quantize.method: rtn, or heal.final.fake_quant: false"
+            )
         return self
 
     def hash(self) -> str:

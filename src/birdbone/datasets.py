@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from birdbone.core import modeling, waves
 from birdbone.core.io import TMP_PREFIX, atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from birdbone.core.lowrank import ADAPTER_DIR, load_adapter, save_adapter
 from birdbone.core.masks import MaskSet
 from birdbone.core.quantize import QUANT_FILE, QuantTable
 
@@ -35,7 +36,8 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
     The sidecar records how the model was made (``origin``) and the SHA-256 of each weight
     file, so a later stage can tell exactly which parent it came from. A bundle's masks
     travel with it as ``masks.safetensors``, a quantized model's grids and scales as
-    ``quant.safetensors``.
+    ``quant.safetensors`` and its quantization-error corrections, if any, as a peft LoRA
+    adapter in ``adapter/``.
     """
 
     def __init__(self, path: str, dtype: str = "float32", metadata: dict[str, Any] | None = None):
@@ -54,6 +56,7 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
             bundle.masks = MaskSet.load(self._path / MASKS)
         if (self._path / QUANT_FILE).is_file():
             bundle.quant = QuantTable.load(self._path / QUANT_FILE)
+            bundle.quant.corrections = load_adapter(self._path / ADAPTER_DIR)
         return bundle
 
     def save(self, data: modeling.ModelBundle) -> None:
@@ -63,6 +66,7 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
                 data.masks.save(tmp / MASKS)
             if data.quant is not None:
                 data.quant.save(tmp / QUANT_FILE)
+                save_adapter(tmp / ADAPTER_DIR, data.quant.corrections)
             write_sidecar(tmp, data.origin)
         data.path = self._path
 

@@ -137,3 +137,46 @@ def test_a_zero_whose_sign_flipped_is_no_removed_weight_and_is_restored_bit_for_
     target = {"w": after["w"].clone()}
     delta.invert_(target)
     assert target["w"].view(torch.int32).tolist() == before["w"].view(torch.int32).tolist()
+
+
+def rounded(bundle, grid, masks):
+    """A copy of ``bundle``'s model with every block Linear rounded to ``grid`` (masks kept)."""
+    import copy
+
+    from birdbone.core.quantize import rtn
+
+    model = copy.deepcopy(bundle.model)
+    for name, linear in bundle.adapter.linears(model).items():
+        linear.weight.data = rtn(linear.weight.data, grid, masks[f"{name}.weight"])[0]
+    return model
+
+
+def test_fake_quant_healing_trains_against_the_grid_and_merges_into_the_original_weights(tiny_bundle):
+    import copy
+
+    from birdbone.core.quantize import Grid
+
+    grid = Grid(2, 32, True)
+    masks = pruned(tiny_bundle)
+    data, validation = patterned(64), patterned(8, seed=5)
+    plain = copy.deepcopy(tiny_bundle)
+    grids = {name: grid for name in weights(tiny_bundle)}
+    start_rounded = evaluate.perplexity(rounded(tiny_bundle, grid, masks), validation[:4])["ppl"]  # curve_blocks
+    report = heal_(tiny_bundle, masks, data, config(), validation=validation, fake_quant=grids)
+    assert report.merged
+    # the curve is the rounded model's: at step 0 (adapters zero) exactly the rounded start
+    assert report.curve[0]["val_ppl"] == pytest.approx(start_rounded, rel=1e-5)
+    assert MaskSet.from_weights(weights(tiny_bundle)).equals(masks)
+    heal_(plain, masks, data, config(), validation=validation)
+    # the merge went into the full-precision weights, not the rounded ones
+    assert not all(on for on in (_on(tiny_bundle, grid, masks)))
+    # trained around the grid, the rounded model is better than the plainly healed one rounded
+    qat = evaluate.perplexity(rounded(tiny_bundle, grid, masks), validation)["ppl"]
+    direct = evaluate.perplexity(rounded(plain, grid, masks), validation)["ppl"]
+    assert qat < direct
+
+
+def _on(bundle, grid, masks):
+    from birdbone.core.quantize import on_grid
+
+    return [on_grid(w, grid, masks[n]) for n, w in weights(bundle).items()]

@@ -241,6 +241,7 @@ def heal_(
     desc: str = "heal",
     seconds: float | None = None,
     accelerator: Any = None,
+    fake_quant: dict[str, Any] | None = None,
 ) -> HealReport:
     """Trains LoRA adapters on ``blocks`` (the healing split) and merges them into
     ``bundle.model`` with ``masks`` re-applied; in place.
@@ -260,6 +261,9 @@ def heal_(
         accelerator: an ``accelerate.Accelerator`` (``accelerate launch``: data parallel
             over its processes, each on its own samples, gradients averaged); None: this
             process alone.
+        fake_quant: full weight name -> ``quantize.Grid`` (None: not quantized): train
+            against the merged weights rounded to these grids, with a straight-through
+            gradient (``_FakeQuant``); the curve is measured on the rounded weights too.
 
     Returns:
         A ``HealReport``. A non-finite loss or adapter stops the healing, leaves the
@@ -287,6 +291,11 @@ def heal_(
     # QLoRA trains against a 4-bit copy; the merge still goes into the full-precision weights
     train_model = quantized_copy(model, sorted(linears), device) if config.quantize == "nf4" else model
     peft_model = _inject(train_model, sorted(linears), config)
+    if fake_quant is not None and train_model is not model:
+        raise HealError("fake-quant healing needs full-precision base weights. Fix: heal.quantize: none")
+    simulated = _FakeQuant(peft_model, linears, fake_quant, masks) if fake_quant is not None else None
+    if simulated is not None:
+        simulated.refresh()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     samples = _Samples(blocks, length, config.seed, rank, world)
     gate = SignificanceGate(config.gating) if config.gating.enabled else None
@@ -336,6 +345,8 @@ def heal_(
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            if simulated is not None:
+                simulated.refresh()
             report.tokens_trained += targets.numel()
             report.samples_trained += int(index.numel())
             train_seconds += time.perf_counter() - step_start
@@ -357,6 +368,8 @@ def heal_(
                 point["val_ppl"] = _curve_ppl(peft_model, curve_blocks, config.batch_size, device)
             report.curve.append(point)
             progress.set_postfix(loss=f"{point['loss']:.3f}")
+        if simulated is not None:
+            simulated.restore()  # the merge is into the original weights
         if report.stopped is None and not all(bool(torch.isfinite(p).all()) for p in params):
             report.stopped = "non-finite adapter weights after training"
         deltas = {} if report.stopped else _deltas(peft_model, linears)
@@ -368,6 +381,8 @@ def heal_(
         if broken:
             report.stopped = f"non-finite weights after merging into {broken[0]} (learning rate {lr:g} too high?)"
     finally:
+        if simulated is not None:
+            simulated.restore()
         if train_model is model:
             peft_model.unload()  # the original Linears back, their weights untouched
         else:
@@ -444,15 +459,62 @@ def quantized_copy(model: nn.Module, names: list[str], device: torch.device | st
     return prepare_model_for_kbit_training(copy_, use_gradient_checkpointing=False)
 
 
+def _lora_layers(peft_model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, nn.Module]:
+    """peft's LoRA layer wrapping each adapted Linear, by the Linear's full name."""
+    modules = dict(peft_model.named_modules())
+    return {
+        name: next(m for n, m in modules.items() if n.endswith(name) and hasattr(m, "get_delta_weight"))
+        for name in linears
+    }
+
+
 @torch.no_grad()
 def _deltas(peft_model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
     """s * B A of every adapted Linear, by the Linear's full name."""
-    out = {}
-    modules = dict(peft_model.named_modules())
-    for name in linears:
-        layer = next(m for n, m in modules.items() if n.endswith(name) and hasattr(m, "get_delta_weight"))
-        out[name] = layer.get_delta_weight("default").detach().float().cpu()
-    return out
+    return {
+        name: layer.get_delta_weight("default").detach().float().cpu()
+        for name, layer in _lora_layers(peft_model, linears).items()
+    }
+
+
+class _FakeQuant:
+    """The quantize stage simulated while the adapters train (quantization-aware healing).
+
+    ``refresh`` sets each adapted Linear's frozen base weight to Q(M (W + s B A)) - s B A,
+    so that with the adapter's own term the layer computes x Q(M (W + s B A))^T: the
+    merged, masked weight rounded to its grid, as the quantize stage will store it. The
+    base weight carries no gradient, so the adapters' gradient passes through the rounding
+    unchanged (the straight-through estimator). ``restore`` puts the original weights back
+    (before the merge, which is always into them).
+    """
+
+    def __init__(self, peft_model: nn.Module, linears: dict[str, nn.Linear], grids: dict[str, Any], masks: Any):
+        self.layers = _lora_layers(peft_model, linears)
+        self.linears = linears
+        self.grids = {name: grids.get(f"{name}.weight") for name in linears}
+        self.masks = masks
+        self.originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        from birdbone.core.quantize import rtn
+
+        for name, layer in self.layers.items():
+            grid = self.grids[name]
+            if grid is None:
+                continue
+            weight = self.linears[name].weight
+            delta = layer.get_delta_weight("default").float()
+            merged = self.originals[name].float() + delta
+            key = f"{name}.weight"
+            keep = self.masks[key] if self.masks is not None and key in self.masks else None
+            quantized, _ = rtn(merged, grid, keep)
+            weight.copy_((quantized - delta).to(weight.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for name, original in self.originals.items():
+            self.linears[name].weight.copy_(original)
 
 
 @torch.no_grad()

@@ -395,6 +395,9 @@ class QuantTable:
     grids: dict[str, Grid | None]
     scales: dict[str, Scales] = field(default_factory=dict)
     source: Grid | None = None
+    # weight name -> (B, A): a low-rank correction of its quantization error, kept apart
+    # from the quantized weights (a LoRA adapter: ``lowrank.save_adapter``)
+    corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def grid_of(self, name: str) -> Grid | None:
         return self.grids.get(name) or self.source

@@ -14,6 +14,7 @@ from birdbone.core import evaluate, modeling, plots, waves
 from birdbone.core.heal import heal_, healing_view
 from birdbone.datasets import WaveHandle
 from birdbone.pipelines import runtime
+from birdbone.pipelines.quantize.nodes import plan
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ def heal_final(
         k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"before final heal ({k})")["ppl"]
         for k in ("validation", "test")
     }
+    grids = None
+    if config.final.fake_quant:  # the grids the quantize stage will plan (mixed: allocated on this model)
+        grids, _, _ = plan(bundle, recipe.quantize, blocks, device)
+        log.info("final heal against the quantize grids (%s, fake-quant)", recipe.quantize.label)
     report = heal_(
         bundle,
         bundle.masks,
@@ -94,13 +99,18 @@ def heal_final(
         _teacher(config, heal_teacher),
         blocks["validation"],
         device,
-        desc="final heal",
+        desc="final heal (fake-quant)" if grids is not None else "final heal",
+        fake_quant=grids,
     )
     after = {
         k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after final heal ({k})")["ppl"]
         for k in ("validation", "test")
     }
-    bundle.origin = {**bundle.origin, "heal": "final", "heal_steps": config.final.steps}
+    bundle.origin = {
+        **bundle.origin,
+        "heal": "final, fake-quant" if grids is not None else "final",
+        "heal_steps": config.final.steps,
+    }
     rows = last.info["rows"]
     curves = {f"wave {r['wave']}": r["heal"]["curve"] for r in rows if r.get("heal")}
     curves["final"] = report.curve

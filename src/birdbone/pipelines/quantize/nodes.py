@@ -5,16 +5,34 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 
-from birdbone.config import QuantizeConfig, validate_recipe
+from birdbone.config import LowRankConfig, QuantizeConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots
-from birdbone.core.bits import allocate
-from birdbone.core.quantize import Grid, QuantTable, average_bits, check_quantize, plan_grids, quantize_model_
+from birdbone.core.bits import allocate, usage_norms
+from birdbone.core.lowrank import (
+    Factor,
+    add_factors_,
+    correction_bits,
+    error_correction,
+    plan_factors,
+    plan_report,
+)
+from birdbone.core.quantize import (
+    Grid,
+    QuantTable,
+    average_bits,
+    check_quantize,
+    linear_sizes,
+    plan_grids,
+    quantize_model_,
+)
 from birdbone.core.walk import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -95,6 +113,85 @@ def layer_rows(
     return rows
 
 
+def factor_plan(bundle: modeling.ModelBundle, config: LowRankConfig) -> list[Factor]:
+    """Which block matrices U V would replace at the explained-variance target (none when
+    the report is off)."""
+    if not config.report:
+        return []
+    weights = {f"{name}.weight": linear.weight for name, linear in bundle.adapter.linears(bundle.model).items()}
+    return plan_factors(weights, config.explained_variance, config.min_saving, bundle.masks)
+
+
+def factor_summary(factors: list[Factor], config: LowRankConfig) -> dict[str, Any] | None:
+    """What factorizing at the target would save, in block-Linear numbers (= multiply-adds)."""
+    if not factors:
+        return None
+    chosen = [f for f in factors if f.factorized]
+    dense = sum(f.params_dense for f in factors)
+    saved = sum(f.params_dense - f.params_factored for f in chosen)
+    return {
+        "explained_variance": config.explained_variance,
+        "matrices": len(factors),
+        "factorized": len(chosen),
+        "pruned_kept_sparse": sum("pruned" in f.reason for f in factors),
+        "params_saved": saved,
+        "saving": saved / max(dense, 1),
+        "by_module": {
+            m: sum(1 for f in chosen if f.name.removesuffix(".weight").endswith(m))
+            for m in sorted({f.name.removesuffix(".weight").rsplit(".", 1)[-1] for f in factors})
+        },
+    }
+
+
+def corrected_weights(bundle: modeling.ModelBundle) -> dict[str, torch.Tensor]:
+    """A copy of every block Linear's weight before quantizing (what a correction restores)."""
+    linears = bundle.adapter.linears(bundle.model)
+    return {f"{n}.weight": m.weight.detach().float().cpu().clone() for n, m in linears.items()}
+
+
+def corrections_for(
+    bundle: modeling.ModelBundle,
+    originals: dict[str, torch.Tensor],
+    config: QuantizeConfig,
+    blocks: dict[str, torch.Tensor],
+    device: Any,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rank-k corrections of every layer's quantization error, weighted by its input norms."""
+    norms = usage_norms(
+        bundle,
+        blocks["calibration"][: config.calibration_blocks],
+        config.batch_size,
+        device,
+        autocast_dtype(config.compute_dtype),
+    )
+    out = {}
+    for name, linear in bundle.adapter.linears(bundle.model).items():
+        key = f"{name}.weight"
+        out[key] = error_correction(
+            originals[key], linear.weight.detach().float().cpu(), config.lowrank.correction_rank, norms[key].sqrt()
+        )
+    return out
+
+
+@contextmanager
+def corrected(bundle: modeling.ModelBundle) -> Iterator[None]:
+    """The quantized model with its corrections added (what the base plus adapter computes);
+    the quantized weights exactly as they were afterwards."""
+    corrections = bundle.quant.corrections if bundle.quant is not None else {}
+    if not corrections:
+        yield
+        return
+    linears = bundle.adapter.linears(bundle.model)
+    saved = {key: linears[key.removesuffix(".weight")].weight.detach().clone() for key in corrections}
+    add_factors_(bundle, corrections)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, weight in saved.items():
+                linears[key.removesuffix(".weight")].weight.copy_(weight)
+
+
 def quantize_model(
     model: modeling.ModelBundle, blocks: dict[str, torch.Tensor], parameters: dict[str, Any]
 ) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
@@ -113,15 +210,26 @@ def quantize_model(
         k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"before quantizing ({k})")["ppl"]
         for k in ("validation", "test")
     }
+    factors = factor_plan(bundle, config.lowrank)
+    originals = corrected_weights(bundle) if config.lowrank.correction_rank else {}
     start = time.perf_counter()
     grids, source, allocation, scales = quantize_with(bundle, config, blocks, device)
     seconds = time.perf_counter() - start
     bundle.quant = QuantTable(grids, scales, source)
-    after = {
-        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after quantizing ({k})")["ppl"]
-        for k in ("validation", "test")
-    }
+    plain = {}
+    if originals:
+        plain = {
+            k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"quantized, no correction ({k})")["ppl"]
+            for k in ("validation", "test")
+        }
+        bundle.quant.corrections = corrections_for(bundle, originals, config, blocks, device)
+    with corrected(bundle):
+        after = {
+            k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after quantizing ({k})")["ppl"]
+            for k in ("validation", "test")
+        }
     avg = average_bits(bundle, grids, source)
+    correction = correction_bits(linear_sizes(bundle), config.lowrank.correction_rank)
     layers = layer_rows(bundle, grids, source, allocation)
     kept = all(g is None for g in grids.values())
     final = {
@@ -138,6 +246,12 @@ def quantize_model(
         "ppl_val": after["validation"],
         "ppl_test": after["test"],
         "seconds": seconds,
+        "correction_rank": config.lowrank.correction_rank,
+        "correction_bits": correction,
+        "avg_bits_with_correction": avg + correction,
+        "ppl_val_without_correction": plain.get("validation"),
+        "ppl_test_without_correction": plain.get("test"),
+        "factorizable": factor_summary(factors, config.lowrank),
     }
     log.info(
         "quantized (%s%s): %.3f bits per weight, test perplexity %.3f -> %.3f (%+.1f %%) in %.0f s",
@@ -157,7 +271,10 @@ def quantize_model(
         "final": final,
         "allocation": allocation,
         "layers": layers,
+        "factors": plan_report(factors),
     }
+    if factors:
+        log.info("low rank at %g explained variance: %s", config.lowrank.explained_variance, final["factorizable"])
     metrics = {f"quantize.{k}": v for k, v in final.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return (
         bundle,
