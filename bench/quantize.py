@@ -86,6 +86,10 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
 # numbers count in the bits per weight)
 for rank in (4, 16):
     SETTINGS[f"gptq sym, correction rank {rank}"] = {**SETTINGS["gptq sym"], "lowrank": {"correction_rank": rank}}
+# mixed precision with a rank-4 correction inside the same 4.5 bits (the corrections' bits
+# come out of the weights' budget)
+for name in ("mixed 4.5", "mixed 4.5, 3-8 bits g32"):
+    SETTINGS[f"{name}, correction rank 4 in budget"] = {**SETTINGS[name], "lowrank": {"correction_rank": 4}}
 # the same settings after a final heal with their grids simulated (fake-quant, from models/decayed)
 # (round-to-nearest is what the fake-quant simulates; GPTQ afterwards rounds differently)
 FAKE_QUANT = {
@@ -93,10 +97,16 @@ FAKE_QUANT = {
     "fake-quant heal, gptq sym": "gptq sym",
     "fake-quant heal, mixed 4.5 (rtn)": "mixed 4.5",
     "fake-quant heal, mixed 4.5, 3-8 bits g32 (rtn)": "mixed 4.5, 3-8 bits g32",
+    "fake-quant heal, rtn sym, correction rank 4": "rtn sym",
 }
 SETTINGS.update(
     {
-        name: {**SETTINGS[base], "fake_quant": True, **({"method": "rtn"} if "(rtn)" in name else {})}
+        name: {
+            **SETTINGS[base],
+            "fake_quant": True,
+            **({"method": "rtn"} if "(rtn)" in name else {}),
+            **({"lowrank": {"correction_rank": 4}} if "correction rank 4" in name else {}),
+        }
         for name, base in FAKE_QUANT.items()
     }
 )
@@ -112,6 +122,8 @@ MODELS = {
         "mixed 4.5, 3-8 bits g32",
         "gptq sym, correction rank 4",
         "gptq sym, correction rank 16",
+        "mixed 4.5, correction rank 4 in budget",
+        "mixed 4.5, 3-8 bits g32, correction rank 4 in budget",
         *FAKE_QUANT,
     ],
 }
@@ -210,7 +222,7 @@ class FakeQuantHealer:
         self.healed: dict[str, tuple[modeling.ModelBundle, dict[str, Any]]] = {}
 
     def heal(self, config: QuantizeConfig) -> tuple[modeling.ModelBundle, dict[str, Any]]:
-        key = json.dumps(config.model_dump(mode="json", exclude={"method"}), sort_keys=True)
+        key = json.dumps(config.model_dump(mode="json", exclude={"method", "lowrank"}), sort_keys=True)
         if key not in self.healed:
             bundle = ModelDataset(str(self.decayed)).load()
             if self.teacher is None and self.config.distill > 0:

@@ -60,6 +60,16 @@ def test_a_budget_below_the_lowest_level_is_refused_before_compute(tiny_bundle):
     config = QuantizeConfig(enabled=True, mixed={"enabled": True, "levels": [8, 4], "group": None, "avg_bits": 4.01})
     with pytest.raises(QuantizeError, match="Fix: raise quantize.mixed.avg_bits to at least 4.2"):
         quantize.check_quantize(tiny_bundle, config)  # one group per 64- or 128-wide row: 4.125 or 4.25
+    # low-rank corrections take their float16 numbers out of the budget
+    from birdbone.core.lowrank import correction_bits
+
+    mixed = {"enabled": True, "levels": [8, 4], "group": 32, "avg_bits": 4.6}
+    quantize.check_quantize(tiny_bundle, QuantizeConfig(enabled=True, mixed=mixed))
+    config = QuantizeConfig(enabled=True, mixed=mixed, lowrank={"correction_rank": 2})
+    reserved = correction_bits(sizes, 2)
+    assert reserved > 0.1 and quantize.weight_budget(config, sizes) == pytest.approx(4.6 - reserved)
+    with pytest.raises(QuantizeError, match=rf"4.6 bits per weight, {reserved:.3f} of them for the low-rank corr"):
+        quantize.check_quantize(tiny_bundle, config)
 
 
 def test_a_group_that_does_not_divide_a_layer_names_the_layer(tiny_bundle):

@@ -359,16 +359,32 @@ def average_bits(bundle: Any, grids: dict[str, Grid | None], source: Grid | None
 
 
 def check_budget(
-    sizes: dict[str, tuple[int, int]], levels: list[int], group: int | None, sym: bool, target: float
+    sizes: dict[str, tuple[int, int]],
+    levels: list[int],
+    group: int | None,
+    sym: bool,
+    target: float,
+    reserved: float = 0.0,
 ) -> None:
-    """Raises before compute when a bit budget is below what the lowest level gives."""
+    """Raises before compute when a bit budget is below what the lowest level gives, once
+    ``reserved`` bits per weight (low-rank corrections) are taken from it."""
     floor = mean_bits(dict.fromkeys(sizes, Grid(min(levels), group, sym)), sizes)
-    if target < floor - 1e-9:
+    if target - reserved < floor - 1e-9:
+        spent = f", {reserved:.3f} of them for the low-rank corrections," if reserved else ""
         raise QuantizeError(
-            f"a bit budget of {target} bits per weight is below what the minimum of {min(levels)} bits allows "
-            f"({floor:.3f} with {'sym' if sym else 'asym'} groups of {group or 'a row'}, scales included). "
-            f"Fix: raise quantize.mixed.avg_bits to at least {floor:.3f}, or add a lower level."
+            f"a bit budget of {target} bits per weight{spent} is below what the minimum of {min(levels)} bits allows "
+            f"({floor + reserved:.3f} with {'sym' if sym else 'asym'} groups of {group or 'a row'}, scales included). "
+            f"Fix: raise quantize.mixed.avg_bits to at least {floor + reserved:.3f}, or add a lower level"
+            + (", or lower quantize.lowrank.correction_rank." if reserved else ".")
         )
+
+
+def weight_budget(config: Any, sizes: dict[str, tuple[int, int]]) -> float:
+    """The mixed budget left for the quantized weights: ``mixed.avg_bits`` less what the
+    low-rank corrections take (their float16 numbers count in the average)."""
+    from birdbone.core.lowrank import correction_bits
+
+    return config.mixed.avg_bits - correction_bits(sizes, config.lowrank.correction_rank)
 
 
 def check_quantize(bundle: Any, config: Any) -> None:
@@ -378,7 +394,8 @@ def check_quantize(bundle: Any, config: Any) -> None:
     grids = [Grid(config.bits, config.group, config.sym)]
     if config.mixed.enabled:
         grids = [Grid(b, config.mixed.group, config.sym) for b in config.mixed.levels]
-        check_budget(sizes, config.mixed.levels, config.mixed.group, config.sym, config.mixed.avg_bits)  # type: ignore[arg-type]
+        reserved = config.mixed.avg_bits - weight_budget(config, sizes)
+        check_budget(sizes, config.mixed.levels, config.mixed.group, config.sym, config.mixed.avg_bits, reserved)  # type: ignore[arg-type]
     for name, shape in sizes.items():
         for grid in grids:
             check_grid(name, shape, grid)

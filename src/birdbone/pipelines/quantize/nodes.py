@@ -32,6 +32,7 @@ from birdbone.core.quantize import (
     linear_sizes,
     plan_grids,
     quantize_model_,
+    weight_budget,
 )
 from birdbone.core.walk import autocast_dtype
 
@@ -52,7 +53,7 @@ def plan(
         mixed.levels,
         mixed.group,
         config.sym,
-        mixed.avg_bits,
+        weight_budget(config, linear_sizes(bundle)),  # the corrections' bits come out of the budget
         blocks["calibration"][: config.calibration_blocks],
         stress_blocks,
         config.batch_size,
