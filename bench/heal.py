@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prune_quality import machine  # noqa: E402
+from prune_quality import default_text, machine  # noqa: E402
 
-from birdbone.config import DataConfig, DefaultModel, HealConfig, MLPChannelsPattern, UnstructuredPattern  # noqa: E402
+from birdbone.config import DefaultModel, HealConfig, MLPChannelsPattern, UnstructuredPattern  # noqa: E402
 from birdbone.core import data, evaluate, modeling, plots  # noqa: E402
 from birdbone.core.heal import heal_, healing_view  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
@@ -95,13 +95,7 @@ def main() -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(0)
-    config = DataConfig.model_validate(
-        {
-            "sources": [{"kind": "pydoc_topics"}],
-            "block_size": 512,
-            "splits": {"test": 32, "validation": 32, "calibration": 64, "healing": "rest"},
-        }
-    )
+    config = default_text()
     bundle = modeling.load_model(DefaultModel(kind="default"))
     blocks, _ = data.build_blocks(config, bundle.tokenizer)
     test = blocks["test"][: args.test]

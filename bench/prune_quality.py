@@ -28,6 +28,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,6 +72,42 @@ BLOCKS = BlocksPattern(kind="blocks", count=3)
 SPEED = SpeedConfig(prompt_tokens=32, decode_tokens=32, prefill_tokens=512, repeats=3, warmup=1)
 
 
+def prune_dense(
+    bundle: Any,
+    dense_state: dict[str, torch.Tensor],
+    method: str,
+    pattern: Any,
+    blocks: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    compute: torch.dtype,
+) -> tuple[Any, dict[str, Any], float]:
+    """The dense weights back, then ``method`` at ``pattern``: (masks, report, seconds)."""
+    bundle.model.load_state_dict(dense_state)
+    start = time.perf_counter()
+    masks, report = prune_(
+        bundle,
+        method,
+        pattern,
+        blocks["calibration"],
+        args.batch_size,
+        options=OPTIONS.get(method),
+        compute_dtype=compute,
+    )
+    return masks, report, time.perf_counter() - start
+
+
+def default_text(validation: int = 32, calibration: int = 64) -> DataConfig:
+    """The benches' text: the default recipe's (Python's documentation topics), 512-token
+    blocks, 32 for test, the rest for healing."""
+    return DataConfig.model_validate(
+        {
+            "sources": [{"kind": "pydoc_topics"}],
+            "block_size": 512,
+            "splits": {"test": 32, "validation": validation, "calibration": calibration, "healing": "rest"},
+        }
+    )
+
+
 def machine() -> str:
     cpu = "unknown cpu"
     try:
@@ -110,13 +147,7 @@ def main() -> int:
     if args.scaffold:
         return scaffold_study(args, compute)
 
-    config = DataConfig.model_validate(
-        {
-            "sources": [{"kind": "pydoc_topics"}],
-            "block_size": 512,
-            "splits": {"test": 32, "validation": args.validation, "calibration": args.calibration, "healing": "rest"},
-        }
-    )
+    config = default_text(args.validation, args.calibration)
     bundle = modeling.load_model(DefaultModel(kind="default"))
     blocks, _ = data.build_blocks(config, bundle.tokenizer)
     dense_state = {k: v.clone() for k, v in bundle.model.state_dict().items()}
@@ -138,18 +169,7 @@ def main() -> int:
     masks_of = {}
     for pattern_name, pattern in PATTERNS.items():
         for method in METHODS:
-            bundle.model.load_state_dict(dense_state)
-            start = time.perf_counter()
-            masks, report = prune_(
-                bundle,
-                method,
-                pattern,
-                blocks["calibration"],
-                args.batch_size,
-                options=OPTIONS.get(method),
-                compute_dtype=compute,
-            )
-            seconds = time.perf_counter() - start
+            masks, report, seconds = prune_dense(bundle, dense_state, method, pattern, blocks, args, compute)
             masks_of[(method, pattern_name)] = masks
             row = {
                 "method": method,
@@ -377,13 +397,7 @@ def scaffold_study(args: argparse.Namespace, compute: torch.dtype) -> int:
     from birdbone.core.lowrank import add_factors_
     from birdbone.core.prune.scaffold import scaffold_
 
-    config = DataConfig.model_validate(
-        {
-            "sources": [{"kind": "pydoc_topics"}],
-            "block_size": 512,
-            "splits": {"test": 32, "validation": args.validation, "calibration": args.calibration, "healing": "rest"},
-        }
-    )
+    config = default_text(args.validation, args.calibration)
     bundle = modeling.load_model(DefaultModel(kind="default"))
     blocks, _ = data.build_blocks(config, bundle.tokenizer)
     dense_state = {k: v.clone() for k, v in bundle.model.state_dict().items()}
@@ -396,24 +410,14 @@ def scaffold_study(args: argparse.Namespace, compute: torch.dtype) -> int:
     for sparsity in SCAFFOLD_STUDY["sparsity"]:
         pattern = UnstructuredPattern(kind="unstructured", sparsity=sparsity)
         for method in ("wanda", "sparsegpt"):
-            bundle.model.load_state_dict(dense_state)
-            start = time.perf_counter()
-            _, report = prune_(
-                bundle,
-                method,
-                pattern,
-                blocks["calibration"],
-                args.batch_size,
-                options=OPTIONS.get(method),
-                compute_dtype=compute,
-            )
+            _, report, seconds = prune_dense(bundle, dense_state, method, pattern, blocks, args, compute)
             rows.append(
                 {
                     "method": method,
                     "sparsity": report["sparsity"],
                     "numbers_kept": 1 - report["sparsity"],
                     "ppl": ppl(),
-                    "seconds": time.perf_counter() - start,
+                    "seconds": seconds,
                 }
             )
             log.info("%s %.0f%%: ppl %.3f", method, 100 * sparsity, rows[-1]["ppl"])

@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 from heal import other_blocks  # noqa: E402
-from prune_quality import machine  # noqa: E402
+from prune_quality import default_text, machine  # noqa: E402
 
-from birdbone.config import DataConfig, DefaultModel, HealConfig, QuantizeConfig  # noqa: E402
+from birdbone.config import DefaultModel, HealConfig, QuantizeConfig  # noqa: E402
 from birdbone.core import data, evaluate, modeling, plots  # noqa: E402
 from birdbone.core.heal import heal_, healing_view  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
@@ -145,13 +145,7 @@ def main() -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(0)
-    config = DataConfig.model_validate(
-        {
-            "sources": [{"kind": "pydoc_topics"}],
-            "block_size": 512,
-            "splits": {"test": 32, "validation": 32, "calibration": 64, "healing": "rest"},
-        }
-    )
+    config = default_text()
     wanted = [(m, s) for m, settings in MODELS.items() for s in settings]
     if args.only:
         wanted = [(m, s) for m, s in wanted if f"{m}/{s}" in args.only or m in args.only]

@@ -172,6 +172,8 @@ def test_fake_quant_healing_without_a_quantize_stage_is_refused():
     assert "quantize.method gptq then rounds differently" in message
     assert "Fix: quantize.method: rtn, or heal.final.fake_quant: false" in message
     assert validate_recipe(merged(heal=heal, quantize={"enabled": True, "method": "rtn"}), None).heal.final.fake_quant
+    message = error_of(merged(heal={**heal, "quantize": "nf4"}, quantize={"enabled": True, "method": "rtn"}))
+    assert "QLoRA (heal.quantize: nf4) trains against a 4-bit NF4 copy instead" in message
 
 
 @pytest.mark.parametrize("target", [0.0, 1.01])

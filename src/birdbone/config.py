@@ -836,6 +836,29 @@ class Recipe(Stage):
         return self
 
     @model_validator(mode="after")
+    def _fake_quant_needs_quantize(self) -> Recipe:
+        if not (self.heal.enabled and self.heal.final.fake_quant):
+            return self
+        if not self.quantize.enabled:
+            raise ValueError(
+                "heal.final.fake_quant trains the final heal against the quantize stage's grids, but "
+                "quantize.enabled is false. Fix: quantize.enabled: true, or heal.final.fake_quant: false"
+            )
+        if self.heal.quantize == "nf4":
+            raise ValueError(
+                "heal.final.fake_quant rounds the full-precision base weights while training; QLoRA "
+                "(heal.quantize: nf4) trains against a 4-bit NF4 copy instead. Fix: heal.final.fake_quant: false "
+                "(conf/gpu), or heal.quantize: none"
+            )
+        if self.quantize.method != "rtn":
+            raise ValueError(
+                "heal.final.fake_quant trains the adapters around round-to-nearest on the quantize grids; "
+                f"quantize.method {self.quantize.method} then rounds differently and undoes it (bench/quantize.py: "
+                "12.39 with rtn, 13.39 with gptq). Fix: quantize.method: rtn, or heal.final.fake_quant: false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _qlora_needs_cuda(self) -> Recipe:
         if self.heal.enabled and self.heal.quantize == "nf4":
             import torch
@@ -846,23 +869,6 @@ class Recipe(Stage):
                     f"{'run.device: cpu' if self.run.device == 'cpu' else 'no CUDA device'}. "
                     "Fix: heal.quantize: none (LoRA on full-precision weights), or run with --env gpu on a CUDA machine"
                 )
-        return self
-
-    @model_validator(mode="after")
-    def _fake_quant_needs_quantize(self) -> Recipe:
-        if not (self.heal.enabled and self.heal.final.fake_quant):
-            return self
-        if not self.quantize.enabled:
-            raise ValueError(
-                "heal.final.fake_quant trains the final heal against the quantize stage's grids, but "
-                "quantize.enabled is false. Fix: quantize.enabled: true, or heal.final.fake_quant: false"
-            )
-        if self.quantize.method != "rtn":
-            raise ValueError(
-                "heal.final.fake_quant trains the adapters around round-to-nearest on the quantize grids; "
-                f"quantize.method {self.quantize.method} then rounds differently and undoes it (bench/quantize.py: "
-                "12.39 with rtn, 13.39 with gptq). Fix: quantize.method: rtn, or heal.final.fake_quant: false"
-            )
         return self
 
     def hash(self) -> str:
