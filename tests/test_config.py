@@ -172,6 +172,9 @@ def test_fake_quant_healing_without_a_quantize_stage_is_refused():
     assert "quantize.method gptq then rounds differently" in message
     assert "Fix: quantize.method: rtn, or heal.final.fake_quant: false" in message
     assert validate_recipe(merged(heal=heal, quantize={"enabled": True, "method": "rtn"}), None).heal.final.fake_quant
+    corrected = {"enabled": True, "method": "rtn", "lowrank": {"correction_rank": 4}}
+    message = error_of(merged(heal=heal, quantize=corrected))
+    assert "Fix: quantize.lowrank.correction_rank: 0, or heal.final.fake_quant: false" in message
     message = error_of(merged(heal={**heal, "quantize": "nf4"}, quantize={"enabled": True, "method": "rtn"}))
     assert "QLoRA (heal.quantize: nf4) trains against a 4-bit NF4 copy instead" in message
 

@@ -850,6 +850,13 @@ class Recipe(Stage):
                 "(heal.quantize: nf4) trains against a 4-bit NF4 copy instead. Fix: heal.final.fake_quant: false "
                 "(conf/gpu), or heal.quantize: none"
             )
+        if self.quantize.lowrank.correction_rank:
+            raise ValueError(
+                "heal.final.fake_quant trains the model to work rounded; quantize.lowrank.correction_rank pulls it "
+                "back towards its unrounded weights, which it was not trained for (bench/quantize.py: 13.13 with "
+                "a rank-4 correction, 12.39 without). "
+                "Fix: quantize.lowrank.correction_rank: 0, or heal.final.fake_quant: false"
+            )
         if self.quantize.method != "rtn":
             raise ValueError(
                 "heal.final.fake_quant trains the adapters around round-to-nearest on the quantize grids; "
