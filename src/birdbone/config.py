@@ -730,13 +730,13 @@ class LowRankConfig(Stage):
 
         lowrank:
           report: true              # which block matrices U V would replace at the target, and what that saves
-          explained_variance: 0.9   # in (0, 1]: the energy share each matrix's kept ranks explain
+          explained_variance: 0.99  # in (0, 1]: the energy share each matrix's kept ranks explain
           min_saving: 0.1           # factorize only where r (out + in) <= (1 - min_saving) out in
           correction_rank: 0        # > 0: a rank-k correction of each layer's quantization error (a LoRA adapter)
     """
 
     report: bool = True
-    explained_variance: float = 0.9
+    explained_variance: float = 0.99
     min_saving: Annotated[float, Field(ge=0, lt=1)] = 0.1
     correction_rank: NonNegativeInt = 0
 
@@ -768,7 +768,7 @@ class QuantizeConfig(Stage):
           compute_dtype: float32
           gptq: {block_size: 128, damp: 0.01, act_order: true}
           mixed: {enabled: false, avg_bits: 4.5, levels: [8, 4], group: 128}
-          lowrank: {report: true, explained_variance: 0.9, min_saving: 0.1, correction_rank: 0}
+          lowrank: {report: true, explained_variance: 0.99, min_saving: 0.1, correction_rank: 0}
     """
 
     enabled: bool = False
