@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from birdbone.core import evaluate
 from birdbone.core.masks import MaskSet, zero_masked_
+from birdbone.core.quantize import rtn
 from birdbone.errors import HealError
 
 log = logging.getLogger(__name__)
@@ -288,11 +289,11 @@ def heal_(
     torch.manual_seed(config.seed)
     model = bundle.model
     was_training = model.training
+    if fake_quant is not None and config.quantize == "nf4":
+        raise HealError("fake-quant healing needs full-precision base weights. Fix: heal.quantize: none")
     # QLoRA trains against a 4-bit copy; the merge still goes into the full-precision weights
     train_model = quantized_copy(model, sorted(linears), device) if config.quantize == "nf4" else model
     peft_model = _inject(train_model, sorted(linears), config)
-    if fake_quant is not None and train_model is not model:
-        raise HealError("fake-quant healing needs full-precision base weights. Fix: heal.quantize: none")
     simulated = _FakeQuant(peft_model, linears, fake_quant, masks) if fake_quant is not None else None
     if simulated is not None:
         simulated.refresh()
@@ -497,8 +498,6 @@ class _FakeQuant:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        from birdbone.core.quantize import rtn
-
         for name, layer in self.layers.items():
             grid = self.grids[name]
             if grid is None:
