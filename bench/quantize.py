@@ -54,12 +54,19 @@ from birdbone.core.heal import heal_, healing_view  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 from birdbone.core.lowrank import add_factors_, correction_bits  # noqa: E402
 from birdbone.core.quantize import (  # noqa: E402
+    QuantTable,  # noqa: E402
     average_bits,
     check_quantize,
     linear_sizes,  # noqa: E402
 )
 from birdbone.datasets import ModelDataset  # noqa: E402
-from birdbone.pipelines.quantize.nodes import corrected_weights, corrections_for, plan, quantize_with  # noqa: E402
+from birdbone.pipelines.quantize.nodes import (  # noqa: E402
+    corrected_weights,
+    corrections_for,
+    plan,
+    planned_grids,
+    quantize_with,
+)
 
 log = logging.getLogger("bench.quantize")
 
@@ -239,6 +246,7 @@ class FakeQuantHealer:
             )
             info = {"heal_steps": report.steps, "heal_seconds": round(report.seconds, 1)}
             info["ppl_unquantized"] = evaluate.perplexity(bundle.model, self.blocks["test"], 4, "cpu", "healed")["ppl"]
+            bundle.quant = QuantTable(grids)  # as the heal node leaves it: the quantize stage keeps these grids
             self.healed[key] = (bundle, info)
         return self.healed[key]
 
@@ -266,7 +274,7 @@ def measure(
         start = time.perf_counter()
         work = copy.deepcopy(healed if overrides.get("fake_quant") else bundle)
         originals = corrected_weights(work) if config.lowrank.correction_rank else {}
-        grids, source, allocation, _ = quantize_with(work, config, blocks, "cpu")
+        grids, source, allocation, _ = quantize_with(work, config, blocks, "cpu", planned_grids(work, config))
         extra_bits = 0.0
         if originals:
             evaluated = time.perf_counter()

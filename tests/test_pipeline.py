@@ -106,6 +106,22 @@ def test_a_fake_quant_final_heal_then_round_to_nearest_keeps_masks_and_grid(proj
     assert heal_report["final"]["merged"] and heal_report["config"]["final"]["fake_quant"]
 
 
+def test_mixed_precision_keeps_the_grids_the_fake_quant_heal_trained_against(project):
+    mixed = {"enabled": True, "avg_bits": 6.0, "levels": [8, 4], "group": 32, "stress": {"blocks": 0}}
+    run(
+        project,
+        heal={"final": {"fake_quant": True}},
+        quantize={"method": "rtn", "mixed": mixed, "lowrank": {"correction_rank": 0}},
+    )
+    from birdbone.datasets import ModelDataset
+
+    trained = ModelDataset(str(project / "models/healed")).load().quant
+    assert trained is not None and not trained.scales  # the plan the heal trained against, no codes yet
+    assert {g.bits for g in trained.grids.values()} == {8, 4}
+    quantized = ModelDataset(str(project / "models/quantized")).load().quant
+    assert quantized.grids == trained.grids and set(quantized.scales) == set(trained.grids)
+
+
 def test_same_recipe_same_numbers(project):
     run(project)
     first = json.loads((project / "data/08_reporting/summary.json").read_text())

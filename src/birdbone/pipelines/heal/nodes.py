@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from birdbone.config import DecayConfig, HealConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, waves
 from birdbone.core.heal import heal_, healing_view
+from birdbone.core.quantize import QuantTable
 from birdbone.datasets import WaveHandle
 from birdbone.pipelines import runtime
 from birdbone.pipelines.quantize.nodes import plan
@@ -106,6 +107,8 @@ def heal_final(
         k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after final heal ({k})")["ppl"]
         for k in ("validation", "test")
     }
+    if grids is not None and not report.stopped:  # the quantize stage keeps to the grids trained against
+        bundle.quant = QuantTable(grids)
     bundle.origin = {
         **bundle.origin,
         "heal": "final, fake-quant" if grids is not None else "final",

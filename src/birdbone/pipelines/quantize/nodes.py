@@ -66,12 +66,37 @@ def plan(
     return dict(allocation.grids), None, allocation.to_json()
 
 
+def planned_grids(bundle: modeling.ModelBundle, config: QuantizeConfig) -> dict[str, Grid | None] | None:
+    """The grids a fake-quant final heal trained ``bundle`` against (``bundle.quant`` with
+    grids and no scales yet), when they still fit ``config``; None otherwise."""
+    table = bundle.quant
+    if table is None or table.scales or not table.grids:
+        return None
+    levels = config.mixed.levels if config.mixed.enabled else [config.bits]
+    group = config.mixed.group if config.mixed.enabled else config.group
+    fits = all(
+        g is None or (g.bits in levels and g.group == group and g.sym == config.sym) for g in table.grids.values()
+    )
+    if not fits:
+        log.warning("the grids the final heal trained against do not fit quantize's settings; planning again")
+        return None
+    return dict(table.grids)
+
+
 def quantize_with(
-    bundle: modeling.ModelBundle, config: QuantizeConfig, blocks: dict[str, torch.Tensor], device: Any
+    bundle: modeling.ModelBundle,
+    config: QuantizeConfig,
+    blocks: dict[str, torch.Tensor],
+    device: Any,
+    grids: dict[str, Grid | None] | None = None,
 ) -> tuple[dict[str, Grid | None], Grid | None, dict[str, Any] | None, dict[str, Any]]:
-    """Plans the grids and quantizes ``bundle`` in place: (grids, source grid, mixed
-    allocation or None, scales). The node and ``bench/quantize.py`` both run this."""
-    grids, source, allocation = plan(bundle, config, blocks, device)
+    """Plans the grids (unless ``grids`` are given: those a fake-quant heal trained
+    against) and quantizes ``bundle`` in place: (grids, source grid, mixed allocation or
+    None, scales). The node and ``bench/quantize.py`` both run this."""
+    if grids is not None:
+        source, allocation = None, None
+    else:
+        grids, source, allocation = plan(bundle, config, blocks, device)
     scales = quantize_model_(
         bundle,
         grids,
@@ -214,7 +239,7 @@ def quantize_model(
     factors = factor_plan(bundle, config.lowrank)
     originals = corrected_weights(bundle) if config.lowrank.correction_rank else {}
     start = time.perf_counter()
-    grids, source, allocation, scales = quantize_with(bundle, config, blocks, device)
+    grids, source, allocation, scales = quantize_with(bundle, config, blocks, device, planned_grids(bundle, config))
     seconds = time.perf_counter() - start
     bundle.quant = QuantTable(grids, scales, source)
     plain = {}
