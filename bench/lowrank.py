@@ -74,10 +74,6 @@ def main() -> int:
         work = copy.deepcopy(bundle)
         saved = factorize_(work, plan)
         chosen = [f for f in plan if f.factorized]
-        by_module: dict[str, int] = {}
-        for f in chosen:
-            module = f.name.removesuffix(".weight").rsplit(".", 1)[-1]
-            by_module[module] = by_module.get(module, 0) + 1
         rows.append(
             {
                 "target": target,
@@ -86,7 +82,7 @@ def main() -> int:
                 "saving": saved["saving"],
                 "block_numbers_before": saved["params_before"],
                 "block_numbers_after": saved["params_after"],
-                "by_module": by_module,
+                "by_module": saved["by_module"],
                 "mean_rank_share": sum(f.rank / min(f.shape) for f in chosen) / max(len(chosen), 1),
                 **measure(work.model, f"factorized at {target}"),
             }

@@ -131,12 +131,31 @@ class LowRankLinear(nn.Module):
         return self.up.weight @ self.down.weight
 
 
+def summarize(plan: list[Factor]) -> dict[str, Any]:
+    """What factorizing as ``plan`` says saves, in the plan's numbers (= multiply-adds):
+    counts, numbers before and after, and the factorized matrices by module."""
+    chosen = [f for f in plan if f.factorized]
+    before = sum(f.params_dense for f in plan)
+    saved = sum(f.params_dense - f.params_factored for f in chosen)
+    by_module: dict[str, int] = {}
+    for f in chosen:
+        module = f.name.removesuffix(".weight").rsplit(".", 1)[-1]
+        by_module[module] = by_module.get(module, 0) + 1
+    return {
+        "matrices": len(plan),
+        "factorized": len(chosen),
+        "pruned_kept_sparse": sum("pruned" in f.reason for f in plan),
+        "params_before": before,
+        "params_after": before - saved,
+        "params_saved": saved,
+        "saving": saved / max(before, 1),
+        "by_module": by_module,
+    }
+
+
 def factorize_(bundle: Any, plan: list[Factor]) -> dict[str, Any]:
     """Replaces every matrix ``plan`` marks factorized by its ``LowRankLinear``, in place,
-    and returns what that saved (block-Linear numbers before and after)."""
-    linears = bundle.adapter.linears(bundle.model)
-    before = sum(linear.weight.numel() for linear in linears.values())
-    saved = 0
+    and returns what that saved (``summarize``)."""
     for factor in plan:
         if not factor.factorized:
             continue
@@ -144,14 +163,7 @@ def factorize_(bundle: Any, plan: list[Factor]) -> dict[str, Any]:
         parent_name, _, attr = module_name.rpartition(".")
         parent = bundle.model.get_submodule(parent_name)
         setattr(parent, attr, LowRankLinear.from_linear(getattr(parent, attr), factor.rank))
-        saved += factor.params_dense - factor.params_factored
-    return {
-        "factorized": sum(f.factorized for f in plan),
-        "matrices": len(plan),
-        "params_before": before,
-        "params_after": before - saved,
-        "saving": saved / max(before, 1),
-    }
+    return summarize(plan)
 
 
 def plan_report(plan: list[Factor]) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from birdbone.core.lowrank import (
     error_correction,
     plan_factors,
     plan_report,
+    summarize,
 )
 from birdbone.core.quantize import (
     Grid,
@@ -150,23 +151,7 @@ def factor_plan(bundle: modeling.ModelBundle, config: LowRankConfig) -> list[Fac
 
 def factor_summary(factors: list[Factor], config: LowRankConfig) -> dict[str, Any] | None:
     """What factorizing at the target would save, in block-Linear numbers (= multiply-adds)."""
-    if not factors:
-        return None
-    chosen = [f for f in factors if f.factorized]
-    dense = sum(f.params_dense for f in factors)
-    saved = sum(f.params_dense - f.params_factored for f in chosen)
-    return {
-        "explained_variance": config.explained_variance,
-        "matrices": len(factors),
-        "factorized": len(chosen),
-        "pruned_kept_sparse": sum("pruned" in f.reason for f in factors),
-        "params_saved": saved,
-        "saving": saved / max(dense, 1),
-        "by_module": {
-            m: sum(1 for f in chosen if f.name.removesuffix(".weight").endswith(m))
-            for m in sorted({f.name.removesuffix(".weight").rsplit(".", 1)[-1] for f in factors})
-        },
-    }
+    return {"explained_variance": config.explained_variance, **summarize(factors)} if factors else None
 
 
 def corrected_weights(bundle: modeling.ModelBundle) -> dict[str, torch.Tensor]:
