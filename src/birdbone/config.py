@@ -256,6 +256,15 @@ class SpeedConfig(Stage):
     warmup: NonNegativeInt = 1
 
 
+class LlamaSpeedConfig(SpeedConfig):
+    """Decode and prefill timing of a GGUF in llama.cpp (CPU), against the dense model's
+    F16 GGUF timed in the same run when ``compare_dense``."""
+
+    enabled: bool = True
+    threads: PositiveInt | None = 2  # null: llama.cpp's default
+    compare_dense: bool = True
+
+
 class SpectraConfig(Stage):
     """Spectral scan of every weight matrix: the top singular values and the
     explained-variance curve (randomized SVD unless ``method: full``)."""
@@ -790,6 +799,58 @@ class QuantizeConfig(Stage):
         return "mixed" if self.mixed.enabled else self.method
 
 
+# --------------------------------------------------------------------------- export
+
+
+class GGUFExportConfig(Stage):
+    """The GGUF file (llama.cpp): block Linears in their quantize grids' block formats,
+    the rest as set here."""
+
+    float_type: Literal["F16", "F32"] = "F16"  # block Linears that were not quantized
+    embedding: Literal["auto", "F16", "F32", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"] = "auto"
+    tokenizer_pre: str | None = None  # llama.cpp's pre-tokenizer name; null: the source GGUF's, else 'default'
+
+
+class VerifyConfig(Stage):
+    """The exported GGUF checked in llama.cpp against the torch model it came from."""
+
+    enabled: bool = True
+    blocks: PositiveInt | None = None  # test blocks (null: all)
+    tolerance: Annotated[float, Field(gt=0, lt=1)] = 0.01  # relative perplexity difference allowed
+    generate_tokens: NonNegativeInt = 24  # greedy tokens generated as a smoke test (0: none)
+
+
+class ExportConfig(Stage):
+    """Export of the recipe's last model (``core.export``).
+
+    Example (``conf/base/parameters_export.yml``)::
+
+        export:
+          enabled: true
+          formats: [gguf, safetensors]
+          path: models/export
+          gguf: {float_type: F16, embedding: auto, tokenizer_pre: null}
+          verify: {enabled: true, blocks: null, tolerance: 0.01, generate_tokens: 24}
+          speed: {threads: 2, compare_dense: true, prompt_tokens: 32, decode_tokens: 64, prefill_tokens: 512}
+    """
+
+    enabled: bool = False
+    formats: Annotated[list[Literal["gguf", "safetensors"]], Field(min_length=1)] = ["gguf", "safetensors"]
+    path: Path = Path("models/export")
+    gguf: GGUFExportConfig = GGUFExportConfig()
+    verify: VerifyConfig = VerifyConfig()
+    speed: LlamaSpeedConfig = LlamaSpeedConfig()
+
+    @model_validator(mode="after")
+    def _verify_needs_gguf(self) -> ExportConfig:
+        if (self.verify.enabled or self.speed.enabled) and "gguf" not in self.formats:
+            raise ValueError(
+                "export.verify and export.speed run the GGUF file in llama.cpp, but export.formats has no gguf. "
+                "Fix: add gguf to export.formats, or set export.verify.enabled and export.speed.enabled to false"
+            )
+        return self
+
+
 # --------------------------------------------------------------------------- tracking
 
 
@@ -824,6 +885,7 @@ class Recipe(Stage):
     heal: HealConfig = HealConfig(enabled=False)
     regrow: RegrowConfig = RegrowConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

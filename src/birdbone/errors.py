@@ -41,3 +41,7 @@ class HealError(BirdboneError):
 
 class QuantizeError(BirdboneError):
     """Quantization or low-rank settings a model cannot take (bits, group size, bit budget)."""
+
+
+class ExportError(BirdboneError):
+    """A model that cannot be exported as asked (format, architecture, output path)."""

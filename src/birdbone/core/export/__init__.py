@@ -1,0 +1,1 @@
+"""Exports of a (compressed) model: GGUF for llama.cpp, safetensors, packed forms."""
