@@ -69,8 +69,8 @@ def test_unknown_top_level_key_lists_the_stages(tmp_path):
     message = error_of({**GOOD, "decay_waves": {}}, tmp_path, conf(tmp_path, {"parameters_x.yml": {"decay_waves": {}}}))
     assert "decay_waves: unknown key" in message and "parameters_x.yml" in message
     assert (
-        "did you mean 'decay'? known keys here: baseline, data, decay, export, heal, model, profile, quantize, regrow, run, "
-        "tracking" in message
+        "did you mean 'decay'? known keys here: baseline, data, decay, export, heal, model, profile, quantize, "
+        "regrow, run, tracking" in message
     )
 
 

@@ -59,6 +59,18 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert quantized["method"] == "gptq" and quantized["avg_bits"] == 4.5  # Q4_0: 4 bits + a float16 scale per 32
     assert runs["metrics.quantize.ppl_test"][0] == pytest.approx(quantized["ppl_test"])
     assert (project / "data/08_reporting/quantize.png").read_bytes()[:4] == b"\x89PNG"
+    # the export: a GGUF llama.cpp reads back at the torch model's perplexity, an HF directory transformers loads
+    exports = {e["format"]: e for e in summary["exports"]}
+    assert exports["gguf"]["path"] == "models/export/model.gguf" and (project / "models/export/model.gguf").is_file()
+    assert exports["gguf"]["bytes"] == (project / "models/export/model.gguf").stat().st_size
+    assert exports["safetensors"]["loads_in"] == "transformers"
+    assert summary["exports_verified"]["passed"]
+    assert summary["speed"]["runtime"] == "llama.cpp" and summary["speed"]["decode_x_dense_f16"] > 0
+    export = json.loads((project / "data/08_reporting/export.json").read_text())
+    assert abs(export["verify"]["relative_difference"]) <= 0.01
+    assert export["files"]["gguf"]["types"]["Q4_0"] == 2 * 7
+    assert export["files"]["safetensors"]["check"]["same_top_token"] > 0.95
+    assert runs["metrics.export.ppl_llama_cpp"][0] == pytest.approx(export["verify"]["ppl_llama_cpp"])
 
 
 def test_the_quantized_model_keeps_the_masks_and_every_weight_is_on_its_grid(project):

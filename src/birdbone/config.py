@@ -820,6 +820,12 @@ class VerifyConfig(Stage):
     generate_tokens: NonNegativeInt = 24  # greedy tokens generated as a smoke test (0: none)
 
 
+class SafetensorsExportConfig(Stage):
+    """The HF directory (transformers, vLLM)."""
+
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+
 class ExportConfig(Stage):
     """Export of the recipe's last model (``core.export``).
 
@@ -830,6 +836,7 @@ class ExportConfig(Stage):
           formats: [gguf, safetensors]
           path: models/export
           gguf: {float_type: F16, embedding: auto, tokenizer_pre: null}
+          safetensors: {dtype: float16}
           verify: {enabled: true, blocks: null, tolerance: 0.01, generate_tokens: 24}
           speed: {threads: 2, compare_dense: true, prompt_tokens: 32, decode_tokens: 64, prefill_tokens: 512}
     """
@@ -838,6 +845,7 @@ class ExportConfig(Stage):
     formats: Annotated[list[Literal["gguf", "safetensors"]], Field(min_length=1)] = ["gguf", "safetensors"]
     path: Path = Path("models/export")
     gguf: GGUFExportConfig = GGUFExportConfig()
+    safetensors: SafetensorsExportConfig = SafetensorsExportConfig()
     verify: VerifyConfig = VerifyConfig()
     speed: LlamaSpeedConfig = LlamaSpeedConfig()
 

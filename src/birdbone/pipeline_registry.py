@@ -10,7 +10,7 @@ from typing import Any
 
 from kedro.pipeline import Pipeline
 
-from birdbone.pipelines import baseline, decay, profile, quantize
+from birdbone.pipelines import baseline, decay, export, profile, quantize
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,30 @@ def quantize_source() -> str | None:
             return None
     except (ValidationError, ValueError, TypeError):
         return None
+    return unquantized_model()
+
+
+def unquantized_model() -> str:
+    """The recipe's last model before quantization: healed, decayed or the baseline."""
     if decay_waves() > 0:
         return "healed_model" if final_heal() else "decayed_model"
     return "baseline_model"
+
+
+def export_source() -> str | None:
+    """The model dataset the export stage reads (the recipe's last model), or None when
+    export is off."""
+    from pydantic import ValidationError
+
+    from birdbone.config import ExportConfig
+
+    section = _parameters().get("export")
+    try:
+        if not section or not ExportConfig.model_validate(section).enabled:
+            return None
+    except (ValidationError, ValueError, TypeError):
+        return None
+    return "quantized_model" if quantize_source() is not None else unquantized_model()
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -96,6 +117,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         "profile": profile.create_pipeline(),
         "decay": waves,
         "quantize": quantize.create_pipeline(quantize_source()),
+        "export": export.create_pipeline(export_source()),
     }
     pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
     return pipelines

@@ -149,7 +149,7 @@ def test_groups_no_block_format_holds_fall_back_to_f16_and_are_listed(sharp, tmp
 def test_refusals_name_the_problem_and_leave_nothing(sharp, tiny_tokenizer, tmp_path, monkeypatch) -> None:
     path = tmp_path / "model.gguf"
     path.write_bytes(b"keep me")
-    with pytest.raises(ExportError, match="exists. Fix: choose another path, or set overwrite"):
+    with pytest.raises(ExportError, match="exists. Fix: choose another path, or pass overwrite=True"):
         export_gguf.write_gguf(sharp, path, progress=False)
     assert path.read_bytes() == b"keep me"
     qwen = modeling.tiny_model("qwen2", vocab=len(tiny_tokenizer))

@@ -348,6 +348,11 @@ def plan_gguf(bundle: Any, float_type: str = "F16", embedding: str = "auto", arc
                     storage[name].grid,
                     "asymmetric blocks: pruned weights hold the code nearest 0, not exactly 0",
                 )
+    if quant is not None and quant.corrections:
+        notes.append(
+            f"the low-rank corrections of {len(quant.corrections)} weights are not in the GGUF "
+            "(they are a LoRA adapter beside the quantized model); llama.cpp runs the quantized weights alone"
+        )
     if architecture not in ("auto", "llama", "deci"):
         raise ExportError(f"GGUF architecture {architecture} is not auto, llama or deci.")
     if architecture == "llama" and not uniform:
@@ -419,7 +424,7 @@ def write_gguf(
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise ExportError(f"{path} exists. Fix: choose another path, or set overwrite (export.overwrite: true).")
+        raise ExportError(f"{path} exists. Fix: choose another path, or pass overwrite=True.")
     plan = plan_gguf(bundle, float_type, embedding, architecture)
     model, config = bundle.model, bundle.model.config
     _, _, head_dim = bundle.adapter.attention_shape(config)
