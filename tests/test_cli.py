@@ -4,6 +4,7 @@ directory keeps the masks and says how it was made."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,8 @@ from birdbone.core.prune import prune_
 from birdbone.datasets import ModelDataset, TensorsDataset
 from tests.conftest import blocks_of
 from tests.core.test_heal import patterned
+
+BIRDBONE = Path(sys.executable).parent / "birdbone"
 
 
 def test_heal_runs_under_accelerate_launch_and_keeps_the_masks(project, tiny_bundle):
@@ -36,3 +39,22 @@ def test_heal_runs_under_accelerate_launch_and_keeps_the_masks(project, tiny_bun
     assert not any(torch.equal(weights[n], before[n]) for n in weights)
     report = json.loads((project / "models/healed/heal.json").read_text())
     assert report["processes"] == 1 and report["steps"] == 6 and report["merged"] and report["ppl_test"] > 0
+
+
+def test_pack_and_unpack_round_trip_a_model_directory(tiny_bundle, tmp_path):
+    from safetensors.torch import load_file
+
+    ModelDataset(str(tmp_path / "model")).save(tiny_bundle)
+    out = subprocess.run(
+        [str(BIRDBONE), "pack", str(tmp_path / "model"), str(tmp_path / "m.pack")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| gzip |" in out.stdout or "| raw |" in out.stdout
+    assert "lossless" in out.stdout
+    again = subprocess.run(
+        [str(BIRDBONE), "pack", str(tmp_path / "model"), str(tmp_path / "m.pack")], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "exists. Fix: choose another path, or pass overwrite" in again.stderr
+    assert subprocess.run([str(BIRDBONE), "unpack", str(tmp_path / "m.pack"), str(tmp_path / "back")]).returncode == 0
+    before, after = load_file(tmp_path / "model/model.safetensors"), load_file(tmp_path / "back/model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
