@@ -70,6 +70,7 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert abs(export["verify"]["relative_difference"]) <= 0.01
     assert export["files"]["gguf"]["types"]["Q4_0"] == 2 * 7
     assert export["files"]["safetensors"]["check"]["same_top_token"] > 0.95
+    assert export["files"]["pack"]["lossless"] and export["files"]["pack"]["strategies"]["quantized"] == 2 * 7
     assert runs["metrics.export.ppl_llama_cpp"][0] == pytest.approx(export["verify"]["ppl_llama_cpp"])
 
 

@@ -833,7 +833,7 @@ class ExportConfig(Stage):
 
         export:
           enabled: true
-          formats: [gguf, safetensors]
+          formats: [gguf, safetensors, pack]
           path: models/export
           gguf: {float_type: F16, embedding: auto, tokenizer_pre: null}
           safetensors: {dtype: float16}
@@ -842,7 +842,11 @@ class ExportConfig(Stage):
     """
 
     enabled: bool = False
-    formats: Annotated[list[Literal["gguf", "safetensors"]], Field(min_length=1)] = ["gguf", "safetensors"]
+    formats: Annotated[list[Literal["gguf", "safetensors", "pack"]], Field(min_length=1)] = [
+        "gguf",
+        "safetensors",
+        "pack",
+    ]
     path: Path = Path("models/export")
     gguf: GGUFExportConfig = GGUFExportConfig()
     safetensors: SafetensorsExportConfig = SafetensorsExportConfig()

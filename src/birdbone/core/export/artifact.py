@@ -17,7 +17,7 @@ import torch
 
 from birdbone.core import evaluate
 from birdbone.core.export import gguf as gguf_export
-from birdbone.core.export import hf, llamacpp
+from birdbone.core.export import hf, llamacpp, pack
 from birdbone.core.io import atomic_dir
 from birdbone.errors import ExportError
 
@@ -25,10 +25,16 @@ log = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
 HF_DIR = "hf"
+PACK_FILE = "model.pack"
 
 
 def check_export(bundle: Any, config: Any) -> None:
     """Every check the export needs, before anything is written."""
+    if "pack" in config.formats and (bundle.path is None or not (Path(bundle.path) / "birdbone.json").is_file()):
+        raise ExportError(
+            "the pack format compresses the model directory the model was loaded from, and this model has none. "
+            "Fix: export a model loaded from a bird-bone model directory, or drop pack from export.formats."
+        )
     if "gguf" in config.formats:
         gguf_export.plan_gguf(bundle, config.gguf.float_type, config.gguf.embedding)
         if config.verify.enabled or config.speed.enabled:
@@ -141,7 +147,19 @@ def export_model(
             )
         if "safetensors" in config.formats:
             report["files"]["safetensors"] = hf.write_hf(bundle, tmp / HF_DIR, config.safetensors.dtype)
-    for key, sub in (("gguf", GGUF_FILE), ("safetensors", HF_DIR)):  # where the files are now
+        if "pack" in config.formats:
+            stats = pack.compress_model(bundle.path, tmp / PACK_FILE)
+            report["files"]["pack"] = {
+                "format": "pack",
+                "bytes": stats["file_bytes"],
+                "ratio": stats["ratio"],
+                "strategies": stats["strategies"],
+                "encode_ms": stats["encode_ms"],
+                "decode_ms": stats["decode_ms"],
+                "loads_in": "birdbone unpack (then transformers or birdbone)",
+                "lossless": True,
+            }
+    for key, sub in (("gguf", GGUF_FILE), ("safetensors", HF_DIR), ("pack", PACK_FILE)):  # where the files are now
         if key in report["files"]:
             report["files"][key]["path"] = str(directory / sub)
     if "safetensors" in config.formats:
