@@ -105,7 +105,10 @@ FAKE_QUANT = {
     "fake-quant heal, mixed 4.5 (rtn)": "mixed 4.5",
     "fake-quant heal, mixed 4.5, 3-8 bits g32 (rtn)": "mixed 4.5, 3-8 bits g32",
     "fake-quant heal, rtn sym, correction rank 4": "rtn sym",
+    "fake-quant heal +96 steps from healed, mixed 4.5, 3-8 bits g32 (rtn)": "mixed 4.5, 3-8 bits g32",
 }
+# a longer fake-quant heal: 96 more steps started from models/healed (after its 48-step plain heal)
+LONGER = {"fake-quant heal +96 steps from healed, mixed 4.5, 3-8 bits g32 (rtn)": ("healed", 96)}
 SETTINGS.update(
     {
         name: {
@@ -177,7 +180,7 @@ def main() -> int:
         for setting in settings:  # every setting must fit the model before any is measured
             if SETTINGS[setting] is not None:
                 check_quantize(bundle, quantize_config(setting))
-        healer = FakeQuantHealer(args.decayed, blocks)
+        healer = FakeQuantHealer(args.decayed, args.healed, blocks)
         for setting in settings:
             rows.append(measure(bundle, model_name, setting, blocks, test, other, healer))
             log.info("%s / %s: %s", model_name, setting, json.dumps(rows[-1]))
@@ -215,17 +218,21 @@ class FakeQuantHealer:
     """The default recipe's final heal of ``models/decayed``, redone against a setting's
     grids; one healed model per grid plan (rtn and gptq on one grid share it)."""
 
-    def __init__(self, decayed: Path, blocks: dict[str, torch.Tensor]):
-        self.decayed, self.blocks = decayed, blocks
+    def __init__(self, decayed: Path, healed: Path, blocks: dict[str, torch.Tensor]):
+        self.start, self.blocks = {"decayed": decayed, "healed": healed}, blocks
         base = yaml.safe_load(Path("conf/base/parameters_heal.yml").read_text())["heal"]
         self.config = HealConfig.model_validate(base)
         self.teacher: dict[str, torch.Tensor] | None = None
         self.healed: dict[str, tuple[modeling.ModelBundle, dict[str, Any]]] = {}
 
-    def heal(self, config: QuantizeConfig) -> tuple[modeling.ModelBundle, dict[str, Any]]:
+    def heal(
+        self, config: QuantizeConfig, start: str = "decayed", steps: int | None = None
+    ) -> tuple[modeling.ModelBundle, dict[str, Any]]:
+        steps = steps or self.config.final.steps
         key = json.dumps(config.model_dump(mode="json", exclude={"method", "lowrank"}), sort_keys=True)
+        key += f"{start}/{steps}"
         if key not in self.healed:
-            bundle = ModelDataset(str(self.decayed)).load()
+            bundle = ModelDataset(str(self.start[start])).load()
             if self.teacher is None and self.config.distill > 0:
                 dense = modeling.load_model(DefaultModel(kind="default"))
                 view = healing_view(self.blocks["healing"], self.config)
@@ -236,7 +243,7 @@ class FakeQuantHealer:
                 bundle.masks,
                 self.blocks["healing"],
                 self.config,
-                self.config.final.steps,
+                steps,
                 self.config.final.lr,
                 self.teacher,
                 self.blocks["validation"],
@@ -244,7 +251,7 @@ class FakeQuantHealer:
                 desc="final heal (fake-quant)",
                 fake_quant=grids,
             )
-            info = {"heal_steps": report.steps, "heal_seconds": round(report.seconds, 1)}
+            info = {"heal_from": start, "heal_steps": report.steps, "heal_seconds": round(report.seconds, 1)}
             info["ppl_unquantized"] = evaluate.perplexity(bundle.model, self.blocks["test"], 4, "cpu", "healed")["ppl"]
             bundle.quant = QuantTable(grids)  # as the heal node leaves it: the quantize stage keeps these grids
             self.healed[key] = (bundle, info)
@@ -269,7 +276,7 @@ def measure(
     else:
         config = quantize_config(setting)
         if overrides.get("fake_quant"):
-            healed, info = healer.heal(config)
+            healed, info = healer.heal(config, *LONGER.get(setting, ()))
             row.update(heal="final heal with fake-quant", **info)
         start = time.perf_counter()
         work = copy.deepcopy(healed if overrides.get("fake_quant") else bundle)
