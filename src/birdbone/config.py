@@ -771,6 +771,7 @@ class QuantizeConfig(Stage):
           bits: 4                 # 2..8
           group: 32               # consecutive input columns sharing a float16 scale (null: a row)
           sym: true               # true: d q (llama.cpp Q4_0/Q8_0); false: d q + m (Q4_1)
+          superblock: null        # 256: K-quant scales (Q4_K; needs group 32, sym false, rows of 256k)
           keep_source_grid: true  # weights already on a grid of <= bits (a GGUF's Q4_1) stay on it
           calibration_blocks: 32
           batch_size: 4
@@ -785,6 +786,7 @@ class QuantizeConfig(Stage):
     bits: Annotated[int, Field(ge=2, le=8)] = 4
     group: PositiveInt | None = 32
     sym: bool = True
+    superblock: Literal[256] | None = None  # 256: llama.cpp K-quant scales (Q4_K: group 32, asym, <= 4 bits)
     keep_source_grid: bool = True
     calibration_blocks: PositiveInt | None = 32
     batch_size: PositiveInt = 4
@@ -792,6 +794,23 @@ class QuantizeConfig(Stage):
     gptq: GPTQOptions = GPTQOptions()
     mixed: MixedConfig = MixedConfig()
     lowrank: LowRankConfig = LowRankConfig()
+
+    @model_validator(mode="after")
+    def _superblock_layout(self) -> QuantizeConfig:
+        if self.superblock and (self.group != 32 or self.sym or self.bits > 4 or self.mixed.enabled):
+            raise ValueError(
+                "quantize.superblock: 256 is llama.cpp's K-quant layout (Q4_K): groups of 32, asymmetric, at most "
+                f"4 bits, one grid for every layer; got group {self.group}, sym {self.sym}, bits {self.bits}"
+                f"{', mixed precision on' if self.mixed.enabled else ''}. "
+                "Fix: group: 32, sym: false, bits: 4, mixed.enabled: false; or superblock: null"
+            )
+        return self
+
+    def grid(self) -> Any:
+        """The uniform grid these settings ask for."""
+        from birdbone.core.quantize import Grid
+
+        return Grid(self.bits, self.group, self.sym, self.superblock)
 
     @property
     def label(self) -> str:

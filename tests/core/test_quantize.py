@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from birdbone.core import quantize
-from birdbone.core.quantize import Grid
+from birdbone.core.quantize import Grid, QuantTable, codes, rtn
 from birdbone.errors import QuantizeError
 
 
@@ -98,3 +98,23 @@ def test_bits_per_weight_count_the_float16_scales():
 def test_a_grid_a_layer_cannot_take_is_a_named_error(grid, message):
     with pytest.raises(QuantizeError, match=message):
         quantize.check_grid("model.layers.0.mlp.up_proj.weight", (1536, 576), grid)
+
+
+def test_a_superblock_needs_the_k_quant_layout_before_any_compute() -> None:
+    import pydantic
+
+    from birdbone.config import QuantizeConfig
+
+    assert QuantizeConfig(enabled=True, superblock=256, sym=False).grid() == Grid(4, 32, False, 256)
+    with pytest.raises(pydantic.ValidationError, match="K-quant layout \\(Q4_K\\).*got group 32, sym True"):
+        QuantizeConfig(enabled=True, superblock=256, sym=True)
+
+
+def test_k_quant_table_round_trips_through_its_file(tmp_path) -> None:
+    grid = Grid(4, 32, False, 256)
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    values, scales = rtn(w, grid)
+    QuantTable({"w": grid}, {"w": scales}).save(tmp_path / "q.safetensors")
+    table = QuantTable.load(tmp_path / "q.safetensors")
+    assert table.grids["w"] == grid and torch.equal(table.scales["w"][0], scales[0])
+    assert torch.equal(codes(values, table.scales["w"], grid).float(), codes(values, scales, grid).float())

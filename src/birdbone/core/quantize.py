@@ -9,6 +9,10 @@ consecutive input columns (None: the whole row is one group), and each group get
   Q4_0 / Q5_0). At 8 bits d = max|x| / 127 and q in [-127, 127] (Q8_0).
 - asymmetric: x ~ d q + m, q in [0, 2^b - 1], m = min, d = (max - min) / (2^b - 1)
   (llama.cpp's Q4_1 / Q5_1).
+- asymmetric in superblocks (``superblock: 256``, llama.cpp's K-quants, Q4_K): the groups
+  of 32 of each run of 256 columns share two float16 superblock scales, and each group's
+  d and -m are 6-bit multiples of them (m <= 0); 4.5 bits per weight at 4 bits, the same
+  as Q4_0, with an offset per group.
 
 The quantized weights are kept dequantized (float), so the model runs as before and its
 perplexity is exactly what a file holding these codes and scales gives. Pruned weights
@@ -37,6 +41,8 @@ from birdbone.errors import QuantizeError
 
 MIN_BITS, MAX_BITS = 2, 8
 SCALE_BITS = 16  # d and m are float16
+K_SCALE_BITS = 6  # a K-quant group's d and m: 6-bit multiples of the superblock's two scales
+K_SUPERBLOCK, K_GROUP = 256, 32
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,11 @@ class Grid:
     bits: int
     group: int | None = 32
     sym: bool = True
+    superblock: int | None = None  # 256: K-quant scales (6-bit multiples of two per-superblock scales)
 
     def describe(self) -> str:
-        return f"{self.bits}-bit {'sym' if self.sym else 'asym'} g{self.group or 'row'}"
+        k = f" in {self.superblock}-superblocks" if self.superblock else ""
+        return f"{self.bits}-bit {'sym' if self.sym else 'asym'} g{self.group or 'row'}{k}"
 
     def levels(self) -> tuple[int, int]:
         """The smallest and largest code."""
@@ -60,12 +68,16 @@ class Grid:
     def bits_per_weight(self, columns: int) -> float:
         """Storage bits per weight, scales (and offsets) included."""
         group = self.group or columns
+        if self.superblock:
+            return self.bits + 2 * K_SCALE_BITS / group + 2 * SCALE_BITS / self.superblock
         return self.bits + SCALE_BITS * (1 if self.sym else 2) / group
 
     def gguf_type(self) -> str | None:
         """The llama.cpp type that stores exactly this grid, if one does."""
         if self.group != 32:
             return None
+        if self.superblock:
+            return "Q4_K" if (self.bits, self.sym, self.superblock) == (4, False, 256) else None
         return {(8, True): "Q8_0", (4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1"}.get(
             (self.bits, self.sym)
         )
@@ -75,6 +87,18 @@ def check_grid(name: str, shape: tuple[int, ...], grid: Grid) -> None:
     """Raises before any compute if ``name`` cannot take ``grid``."""
     if not MIN_BITS <= grid.bits <= MAX_BITS:
         raise QuantizeError(f"{grid.bits} bits is outside {MIN_BITS}-{MAX_BITS}. Fix: quantize.bits in 2..8.")
+    if grid.superblock is not None:
+        if (grid.superblock, grid.group, grid.sym) != (K_SUPERBLOCK, K_GROUP, False) or grid.bits > 4:
+            raise QuantizeError(
+                f"superblock grids are llama.cpp's K-quant layout: {K_SUPERBLOCK} columns, asymmetric groups of "
+                f"{K_GROUP}, at most 4 bits (Q4_K); got {grid.describe()}. Fix: quantize.superblock: 256 with "
+                "group: 32, sym: false, bits <= 4, or superblock: null."
+            )
+        if shape[1] % K_SUPERBLOCK:
+            raise QuantizeError(
+                f"{name} has {shape[1]} input columns, not a multiple of {K_SUPERBLOCK}, so no K-quant superblock "
+                "fits its rows. Fix: quantize.superblock: null for this model (or widths that are multiples of 256)."
+            )
     if grid.group is not None and (grid.group < 1 or shape[1] % grid.group):
         raise QuantizeError(
             f"{name} has {shape[1]} input columns, which groups of {grid.group} do not divide. "
@@ -99,10 +123,33 @@ def group_params(x: torch.Tensor, keep: torch.Tensor | None, grid: Grid) -> tupl
         else:
             d = torch.where(hi.abs() > lo.abs(), hi, lo) / -(2 ** (grid.bits - 1))
         m = torch.zeros_like(d)
+    elif grid.superblock:  # K-quant: m <= 0 (a 6-bit multiple of -M), rounded per superblock later
+        m = lo.clamp_max(0)
+        d = (hi - m) / (2**grid.bits - 1)
+        return d, m
     else:
         m = lo
         d = (hi - lo) / (2**grid.bits - 1)
     return d.half().float(), m.half().float()
+
+
+def k_scales(d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales and offsets ``[rows, groups]`` (asymmetric, unrounded) made K-quant
+    ones: per superblock of 8 groups, d = D sc and m = -M mn with D, M float16 and sc, mn
+    6-bit; the largest group scale (and offset) gets sc = 63 exactly. Float32 results are
+    exactly what llama.cpp computes from the stored numbers."""
+    rows, groups = d.shape
+    per = K_SUPERBLOCK // K_GROUP
+    top = 2**K_SCALE_BITS - 1
+    d = d.reshape(rows, groups // per, per)
+    neg = (-m).clamp_min(0).reshape(rows, groups // per, per)
+    outs = []
+    for v in (d, neg):
+        big = (v.amax(-1, keepdim=True) / top).half().float()
+        safe = torch.where(big == 0, torch.ones_like(big), big)
+        level = torch.where(big == 0, torch.zeros_like(v), torch.clamp(torch.round(v / safe), 0, top))
+        outs.append((big * level).reshape(rows, groups))
+    return outs[0], -outs[1]
 
 
 def round_to_grid(x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -136,6 +183,8 @@ def rtn(weight: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) -> t
     x = weight.detach().float().reshape(rows * (cols // g), g)
     k = None if keep is None else keep.to(x.device).reshape(rows * (cols // g), g)
     d, m = group_params(x, k, grid)
+    if grid.superblock:
+        d, m = (t.reshape(rows * (cols // g), 1) for t in k_scales(d.reshape(rows, -1), m.reshape(rows, -1)))
     out = round_to_grid(x, d, m, grid)
     if k is not None:
         out = out.masked_fill(~k, 0.0)
@@ -189,10 +238,12 @@ def gptq_(
     kept = torch.ones_like(w, dtype=torch.bool) if keep is None else keep.to(w.device).bool()
     g = _groups(cols, grid)
     static = None
-    if act_order or grid.group is None:  # scales fixed on the original columns, per group
+    if act_order or grid.group is None or grid.superblock:  # scales fixed on the original columns, per group
         x = w.reshape(rows * (cols // g), g)
         d, m = group_params(x, kept.reshape(rows * (cols // g), g), grid)
         static = (d.reshape(rows, cols // g), m.reshape(rows, cols // g))
+        if grid.superblock:
+            static = k_scales(*static)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols, device=w.device)
     w, h, kept = w[:, perm], h[perm][:, perm], kept[:, perm]
     try:
@@ -391,7 +442,7 @@ def check_quantize(bundle: Any, config: Any) -> None:
     """Every check a ``QuantizeConfig`` needs of the model, before any compute: the group
     divides every layer, the bit budget is reachable."""
     sizes = linear_sizes(bundle)
-    grids = [Grid(config.bits, config.group, config.sym)]
+    grids = [config.grid()]
     if config.mixed.enabled:
         grids = [Grid(b, config.mixed.group, config.sym) for b in config.mixed.levels]
         reserved = config.mixed.avg_bits - weight_budget(config, sizes)
@@ -402,6 +453,12 @@ def check_quantize(bundle: Any, config: Any) -> None:
 
 
 QUANT_FILE = "quant.safetensors"
+
+
+def grid_list(grid: Grid) -> list[Any]:
+    """A grid as a JSON list (``Grid(*list)`` reads it back); plain grids keep the
+    three-element form earlier files hold."""
+    return [grid.bits, grid.group, grid.sym] + ([grid.superblock] if grid.superblock else [])
 
 
 @dataclass
@@ -424,10 +481,8 @@ class QuantTable:
         for name, (d, m) in self.scales.items():
             tensors[f"{name}.d"], tensors[f"{name}.m"] = d.contiguous().cpu(), m.contiguous().cpu()
         meta = {
-            "grids": json.dumps({n: None if g is None else [g.bits, g.group, g.sym] for n, g in self.grids.items()}),
-            "source": json.dumps(
-                None if self.source is None else [self.source.bits, self.source.group, self.source.sym]
-            ),
+            "grids": json.dumps({n: None if g is None else grid_list(g) for n, g in self.grids.items()}),
+            "source": json.dumps(None if self.source is None else grid_list(self.source)),
         }
         save_file(tensors, str(path), metadata=meta)
 

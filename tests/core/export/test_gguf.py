@@ -166,3 +166,25 @@ def test_refusals_name_the_problem_and_leave_nothing(sharp, tiny_tokenizer, tmp_
         export_gguf.write_gguf(sharp, path, overwrite=True, progress=False)
     assert path.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_gptq_on_a_k_quant_grid_goes_out_as_q4_k_and_runs(tiny_tokenizer, tmp_path) -> None:
+    model = modeling.tiny_model("llama", 2, 256, 4, 2, 512, len(tiny_tokenizer), seed=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(4)
+    bundle = modeling.ModelBundle(model, tiny_tokenizer, modeling.adapter_for(model))
+    grid = Grid(4, 32, False, 256)
+    grids = {f"{n}.weight": grid for n in bundle.adapter.linears(model)}
+
+    class Options:
+        block_size, damp, act_order = 128, 0.01, False
+
+    scales = quantize_model_(bundle, grids, "gptq", _ids(len(tiny_tokenizer), 8), 4, options=Options())
+    bundle.quant = QuantTable(grids, scales)
+    path = tmp_path / "k.gguf"
+    report = export_gguf.write_gguf(bundle, path, progress=False)
+    assert report["types"]["Q4_K"] == 2 * 7 and report["block_linear_bits_per_weight"] == 4.5
+    export_gguf.simulate_(bundle, export_gguf.plan_gguf(bundle))
+    ids = _ids(len(tiny_tokenizer), 4)
+    assert abs(llamacpp.perplexity(path, ids)["ppl"] / evaluate.perplexity(bundle.model, ids)["ppl"] - 1) < 0.01

@@ -20,6 +20,8 @@ Block layouts (llama.cpp's ``ggml-common.h``), 32 weights per block, little-endi
 - Q4_1: d, m (f16), nibbles as Q4_0 holding q; x = d q + m
 - Q5_0: d (f16), qh (u32: bit i the fifth bit of weight i), nibbles; q + 16; x = d q
 - Q5_1: d, m (f16), qh, nibbles holding q; x = d q + m
+- Q4_K, 256 weights: D, M (f16), 12 bytes of eight 6-bit (sc, mn) pairs, 128 bytes of
+  nibbles (per 64 weights: the first 32 low, the next 32 high); x = D sc q - M mn
 
 llama.cpp's converter reorders the rows of the Q and K projections for its RoPE layout
 (each head's two rotary halves interleaved); so does this writer. Groups run along input
@@ -46,7 +48,8 @@ from birdbone.errors import ExportError
 log = logging.getLogger(__name__)
 
 QK = 32  # weights per block of every format here
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q4_K": 144}
+BLOCK_WEIGHTS = {"Q4_K": 256}  # the others: QK
 FLOAT_TYPES = ("F32", "F16")
 TYPES = (*FLOAT_TYPES, *BLOCK_BYTES)
 # the grid each block type stores natively
@@ -56,8 +59,9 @@ NATIVE = {
     "Q4_1": Grid(4, QK, False),
     "Q5_0": Grid(5, QK, True),
     "Q5_1": Grid(5, QK, False),
+    "Q4_K": Grid(4, QK, False, 256),
 }
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 15}
 ARCHITECTURES = ("llama",)  # HF model types this writer knows the tensor names of
 
 # HF Llama module names -> GGUF tensor names (block-level ones with the block index)
@@ -91,6 +95,13 @@ def container(grid: Grid, columns: int) -> Storage:
     format whose blocks repeat the group's scale; codes of fewer bits fit a wider format.
     """
     group = grid.group or columns
+    if grid.superblock:
+        if grid.gguf_type() != "Q4_K" and not (grid.bits < 4 and not grid.sym and grid.superblock == 256):
+            return Storage("F16", None, f"{grid.describe()}: no GGUF K-quant block holds it; stored as float16")
+        if columns % grid.superblock:
+            return Storage("F16", None, f"{grid.describe()} on rows of {columns}: not whole superblocks")
+        note = None if grid.bits == 4 else f"{grid.describe()} held exactly in Q4_K (4-bit codes)"
+        return Storage("Q4_K", grid, note)
     if columns % QK or group % QK:
         return Storage(
             "F16",
@@ -139,6 +150,8 @@ def _high_bits(values: np.ndarray) -> np.ndarray:
 def pack(kind: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
     """Codes ``q`` ``[rows, columns]`` (as ``quantize.codes`` gives them) with their group
     scales ``d`` and offsets ``m`` ``[rows, groups]`` -> ``[rows, bytes]`` of block type ``kind``."""
+    if kind == "Q4_K":
+        return _pack_q4_k(q, d, m)
     rows, columns = q.shape
     blocks = columns // QK
     codes_ = q.to(torch.int16).numpy().reshape(rows, blocks, QK)
@@ -155,6 +168,33 @@ def pack(kind: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.nda
     else:
         raise ExportError(f"no packer for GGUF type {kind}")
     out = np.concatenate(parts, axis=2).reshape(rows, blocks * BLOCK_BYTES[kind])
+    return np.ascontiguousarray(out)
+
+
+def _pack_q4_k(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
+    """Q4_K blocks from codes and the K-quant group scales ``quantize.k_scales`` made (each
+    superblock's largest group scale is 63 D exactly, so D, M and the levels come back)."""
+    rows, columns = q.shape
+    supers = columns // 256
+    d = d.float().reshape(rows, supers, 8)
+    neg = (-m.float()).reshape(rows, supers, 8)
+    parts = []
+    levels = []
+    for v in (d, neg):
+        big = v.amax(-1, keepdim=True) / 63
+        level = torch.where(big == 0, torch.zeros_like(v), torch.round(v / torch.where(big == 0, 1.0, big)))
+        if not torch.equal(big * level, v) or bool((level > 63).any()):
+            raise ExportError("scales that are not K-quant scales (quantize.k_scales) cannot be packed as Q4_K")
+        parts.append(big.half().numpy().view(np.uint8).reshape(rows, supers, 2))
+        levels.append(level.to(torch.uint8).numpy())
+    sc, mn = levels
+    scales = np.zeros((rows, supers, 12), dtype=np.uint8)
+    scales[..., 0:4] = (sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6)
+    scales[..., 4:8] = (mn[..., 0:4] & 63) | ((mn[..., 4:8] >> 4) << 6)
+    scales[..., 8:12] = (sc[..., 4:8] & 15) | ((mn[..., 4:8] & 15) << 4)
+    codes_ = q.to(torch.uint8).numpy().reshape(rows, supers, 4, 2, 32)
+    qs = (codes_[:, :, :, 0, :] | (codes_[:, :, :, 1, :] << 4)).reshape(rows, supers, 128)
+    out = np.concatenate([parts[0], parts[1], scales, qs], axis=2).reshape(rows, supers * 144)
     return np.ascontiguousarray(out)
 
 

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from birdbone.core.io import atomic_dir, atomic_path
-from birdbone.core.quantize import QUANT_FILE, Grid, QuantTable, codes
+from birdbone.core.quantize import QUANT_FILE, Grid, QuantTable, codes, grid_list
 from birdbone.errors import ExportError
 
 FORMAT = "birdbone-pack/1"
@@ -117,14 +117,20 @@ def _unpack_bits(stream: np.ndarray, bits: int, n: int) -> np.ndarray:
     return (flat << np.arange(bits)).sum(1)
 
 
+def _scale_dtype(grid: Grid) -> torch.dtype:
+    """Group scales are float16 numbers, except K-quant ones (a float16 times a 6-bit level)."""
+    return torch.float32 if grid.superblock else torch.float16
+
+
 def _enc_quantized(t: torch.Tensor, info: Any) -> Parts:
     grid, (d, m), keep = info
     low, _ = grid.levels()
     q = (codes(t, (d, m), grid, keep).to(torch.int64).numpy().reshape(-1) - low).astype(np.int64)
+    scale = _scale_dtype(grid)
     parts = {
         "codes": _pack_bits(q, grid.bits),
-        "d": _bytes(d.to(torch.float16)),
-        "m": _bytes(m.to(torch.float16)) if not grid.sym else np.zeros(0, np.uint8),
+        "d": _bytes(d.to(scale)),
+        "m": _bytes(m.to(scale)) if not grid.sym else np.zeros(0, np.uint8),
     }
     if keep is not None:
         parts["mask"] = np.packbits(keep.numpy().reshape(-1))
@@ -136,12 +142,9 @@ def _dec_quantized(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any
     rows, cols = shape
     low, _ = grid.levels()
     q = torch.from_numpy(_unpack_bits(parts["codes"], grid.bits, rows * cols) + low).float().reshape(rows, cols)
-    d = torch.from_numpy(parts["d"].copy()).view(torch.float16).float().reshape(rows, -1)
-    m = (
-        torch.zeros_like(d)
-        if grid.sym
-        else torch.from_numpy(parts["m"].copy()).view(torch.float16).float().reshape(rows, -1)
-    )
+    scale = _scale_dtype(grid)
+    d = torch.from_numpy(parts["d"].copy()).view(scale).float().reshape(rows, -1)
+    m = torch.zeros_like(d) if grid.sym else torch.from_numpy(parts["m"].copy()).view(scale).float().reshape(rows, -1)
     g = cols // d.shape[1]
     d, m = d.repeat_interleave(g, 1), m.repeat_interleave(g, 1)
     values = torch.where(d == 0, m, q * d + m)  # what quantize.round_to_grid computes
@@ -258,7 +261,7 @@ def compress_model(
                 "strategy": choice,
                 "dtype": str(tensor.dtype).removeprefix("torch."),
                 "shape": list(tensor.shape),
-                "grid": [info.bits, info.group, info.sym] if isinstance(info, Grid) else None,
+                "grid": grid_list(info) if isinstance(info, Grid) else None,
             }
             size = tensor.numel() * tensor.element_size()
             packed = sum(a.nbytes for a in parts.values())

@@ -45,7 +45,7 @@ def plan(
 ) -> tuple[dict[str, Grid | None], Grid | None, dict[str, Any] | None]:
     """Each weight's grid: the config's (or the source grid, kept), or a mixed allocation."""
     if not config.mixed.enabled:
-        grids, source = plan_grids(bundle, Grid(config.bits, config.group, config.sym), config.keep_source_grid)
+        grids, source = plan_grids(bundle, config.grid(), config.keep_source_grid)
         return grids, source, None
     mixed = config.mixed
     stress_blocks = blocks["validation"][: mixed.stress.blocks] if mixed.stress.blocks else None
@@ -75,8 +75,10 @@ def planned_grids(bundle: modeling.ModelBundle, config: QuantizeConfig) -> dict[
         return None
     levels = config.mixed.levels if config.mixed.enabled else [config.bits]
     group = config.mixed.group if config.mixed.enabled else config.group
+    superblock = None if config.mixed.enabled else config.superblock
     fits = all(
-        g is None or (g.bits in levels and g.group == group and g.sym == config.sym) for g in table.grids.values()
+        g is None or (g.bits in levels and g.group == group and g.sym == config.sym and g.superblock == superblock)
+        for g in table.grids.values()
     )
     if not fits:
         log.warning("the grids the final heal trained against do not fit quantize's settings; planning again")
