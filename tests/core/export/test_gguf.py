@@ -188,3 +188,31 @@ def test_gptq_on_a_k_quant_grid_goes_out_as_q4_k_and_runs(tiny_tokenizer, tmp_pa
     export_gguf.simulate_(bundle, export_gguf.plan_gguf(bundle))
     ids = _ids(len(tiny_tokenizer), 4)
     assert abs(llamacpp.perplexity(path, ids)["ppl"] / evaluate.perplexity(bundle.model, ids)["ppl"] - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_smollm2_as_deci_says_what_the_llama_file_says_and_runs_with_uneven_widths(tmp_path) -> None:
+    from birdbone.config import DefaultModel
+
+    bundle = modeling.load_model(DefaultModel(kind="default"))
+    pre = export_gguf.source_tokenizer_pre(modeling.default_gguf_path())
+    assert pre == "smollm"
+    prompt = bundle.tokenizer("The capital of France is")["input_ids"]
+    for arch in ("llama", "deci"):
+        export_gguf.write_gguf(bundle, tmp_path / f"{arch}.gguf", architecture=arch, tokenizer_pre=pre, progress=False)
+    llama = llamacpp.generate(tmp_path / "llama.gguf", prompt, 16)
+    assert llamacpp.generate(tmp_path / "deci.gguf", prompt, 16) == llama
+    assert "Paris" in bundle.tokenizer.decode(llama)
+    # per-layer FFN widths (every block a different multiple of 32): the deci file loads and runs
+    adapter = bundle.adapter
+    for i, block in enumerate(adapter.blocks(bundle.model)):
+        structure.keep_mlp_channels_(block.mlp, torch.arange(1536 - 32 * (i % 8)), adapter)
+    structure.record_shapes(bundle.model, adapter)
+    report = export_gguf.write_gguf(bundle, tmp_path / "uneven.gguf", tokenizer_pre=pre, progress=False)
+    assert report["architecture"] == "deci"
+    from pydoc_data.topics import topics
+
+    ids = torch.tensor([bundle.tokenizer(topics["assignment"])["input_ids"][:512]])
+    ppl_llama = llamacpp.perplexity(tmp_path / "uneven.gguf", ids)["ppl"]
+    assert abs(ppl_llama / evaluate.perplexity(bundle.model, ids)["ppl"] - 1) < 0.01
+    assert len(llamacpp.generate(tmp_path / "uneven.gguf", prompt, 8)) == 8
