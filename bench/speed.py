@@ -67,12 +67,8 @@ BIG = {"layers": 22, "hidden": 2048, "heads": 32, "kv_heads": 4, "intermediate":
 
 def speed_config(args: argparse.Namespace, big: bool = False) -> LlamaSpeedConfig:
     if big:
-        return LlamaSpeedConfig(
-            threads=args.threads, prompt_tokens=32, decode_tokens=32, prefill_tokens=128, repeats=2, warmup=1
-        )
-    return LlamaSpeedConfig(
-        threads=args.threads, prompt_tokens=32, decode_tokens=64, prefill_tokens=512, repeats=3, warmup=1
-    )
+        return LlamaSpeedConfig(threads=args.threads, prompt_tokens=32, decode_tokens=32, prefill_tokens=128, warmup=1)
+    return LlamaSpeedConfig(threads=args.threads, prompt_tokens=32, decode_tokens=64, prefill_tokens=512, warmup=1)
 
 
 def dense_files(pre: str | None) -> dict[str, Path]:
@@ -276,20 +272,37 @@ def _time_ms(fn: Any, repeats: int = 30) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(
-    name: str, path: Path, test: torch.Tensor | None, other: torch.Tensor | None, config: Any
+def quality(
+    name: str, path: Path, test: torch.Tensor | None, other: torch.Tensor | None, threads: int
 ) -> dict[str, Any]:
+    """Size, type and perplexities (from llama.cpp's logits) of one file."""
     row: dict[str, Any] = {"artifact": name, "path": str(path), "bytes": path.stat().st_size}
     row["format"] = read_layout(path)["types"].get("blk.0.ffn_up.weight", "?")
-    speed = llamacpp.speed(path, (test if test is not None else torch.arange(1000, 3000)).reshape(-1), config)
-    row["decode_tok_s"] = speed["decode_tokens_per_s"]
-    row["prefill_tok_s"] = speed["prefill_tokens_per_s"]
-    row["ppl"] = llamacpp.perplexity(path, test, config.threads, f"{name} (test)")["ppl"] if test is not None else None
+    row["ppl"] = llamacpp.perplexity(path, test, threads, f"{name} (test)")["ppl"] if test is not None else None
     row["ppl_other"] = (
-        llamacpp.perplexity(path, other, config.threads, f"{name} (other)")["ppl"] if other is not None else None
+        llamacpp.perplexity(path, other, threads, f"{name} (other)")["ppl"] if other is not None else None
     )
-    log.info("%s: %s", name, json.dumps(row))
     return row
+
+
+def time_rows(rows: list[dict[str, Any]], tokens: torch.Tensor, config: Any, rounds: int) -> None:
+    """Decode and prefill tokens/s of every row, interleaved: each round times every file
+    once (after a warm-up run), and each row keeps its median over the rounds, so a change
+    in the machine's load hits all rows alike."""
+    single = config.model_copy(update={"repeats": 1})
+    decode: dict[str, list[float]] = {r["artifact"]: [] for r in rows}
+    prefill: dict[str, list[float]] = {r["artifact"]: [] for r in rows}
+    for round_ in range(rounds):
+        for r in rows:
+            speed = llamacpp.speed(Path(r["path"]), tokens, single)
+            decode[r["artifact"]].append(speed["decode_tokens_per_s"])
+            prefill[r["artifact"]].append(speed["prefill_tokens_per_s"])
+        log.info("speed round %d of %d done", round_ + 1, rounds)
+    for r in rows:
+        r["decode_tok_s"] = statistics.median(decode[r["artifact"]])
+        r["prefill_tok_s"] = statistics.median(prefill[r["artifact"]])
+        r["decode_rounds"], r["prefill_rounds"] = decode[r["artifact"]], prefill[r["artifact"]]
+        log.info("%s: %s", r["artifact"], json.dumps({k: v for k, v in r.items() if not k.endswith("rounds")}))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -383,6 +396,7 @@ def main() -> int:
     parser.add_argument("--other", type=int, default=16, help="blocks of the other text (0: none)")
     parser.add_argument("--other-text", type=Path, default=Path("/usr/share/common-licenses"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds over all files (median kept)")
     parser.add_argument("--no-1b", action="store_true", help="skip the 1B-shaped rows")
     parser.add_argument("--no-sparse", action="store_true", help="skip the CSR rows")
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed.json"))
@@ -402,11 +416,13 @@ def main() -> int:
     test = blocks["test"][: args.test]
     other = other_blocks(args.other_text, tokenizer, args.other) if args.other else None
     files = {**dense_files(pre), "birdbone": artifact_file(args, pre)}
-    rows = [measure(name, path, test, other, speed_config(args)) for name, path in files.items()]
+    rows = [quality(name, path, test, other, args.threads) for name, path in files.items()]
+    time_rows(rows, test.reshape(-1), speed_config(args), args.rounds)
     if not args.no_1b:
         layout = read_layout(files["birdbone"])
-        for name, path in big_files(layout, pre).items():
-            rows.append(measure(name, path, None, None, speed_config(args, big=True)))
+        big = [quality(name, path, None, None, args.threads) for name, path in big_files(layout, pre).items()]
+        time_rows(big, test.reshape(-1), speed_config(args, big=True), args.rounds)
+        rows += big
     sparse = [] if args.no_sparse else sparse_rows(args.threads)
     csr_model = [] if args.no_sparse else torch_csr_rows(args.model, test.reshape(-1), args.threads)
     report = {
