@@ -152,6 +152,7 @@ def export_model(
             report["files"]["pack"] = {
                 "format": "pack",
                 "bytes": stats["file_bytes"],
+                "bits_per_weight": stats["file_bytes"] * 8 / sum(p.numel() for p in bundle.model.parameters()),
                 "ratio": stats["ratio"],
                 "strategies": stats["strategies"],
                 "encode_ms": stats["encode_ms"],

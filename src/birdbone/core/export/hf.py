@@ -37,12 +37,15 @@ def write_hf(
     with atomic_dir(directory) as tmp:
         modeling.save_model(out, tmp)
     files = sorted(directory.glob("*.safetensors"))
+    weights = sum(p.stat().st_size for p in files)
+    params = sum(p.numel() for p in model.parameters())
     return {
         "path": str(directory),
         "format": "safetensors",
         "dtype": dtype,
         "bytes": sum(p.stat().st_size for p in directory.iterdir() if p.is_file()),
-        "weights_bytes": sum(p.stat().st_size for p in files),
+        "weights_bytes": weights,
+        "bits_per_weight": weights * 8 / params,
         "sha256": {p.name: sha256_file(p) for p in files},
         "loads_in": "transformers" if uniform else "birdbone (core.modeling.load_model_dir: per-layer shapes)",
     }
