@@ -83,3 +83,13 @@ def test_bad_requests_are_refused_with_the_fix(model_dir, tmp_path) -> None:
     assert not (tmp_path / "b.pack").exists() and not list(tmp_path.glob(".tmp-*"))
     with pytest.raises(ExportError, match="is not a bird-bone pack"):
         decompress_model(model_dir / "model.safetensors", tmp_path / "c")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_codes_pack_at_their_bits_and_come_back(bits) -> None:
+    from birdbone.core.export.pack import _pack_bits, _unpack_bits
+
+    values = np.random.default_rng(bits).integers(0, 2**bits, 96)
+    stream = _pack_bits(values, bits)
+    assert stream.nbytes == 96 * bits // 8
+    assert np.array_equal(_unpack_bits(stream, bits, 96), values)

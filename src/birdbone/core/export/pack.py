@@ -62,8 +62,19 @@ def _dec_raw(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any) -> t
     return _tensor(parts["data"], dtype, shape)
 
 
+GZIP_LEVEL = 6  # level 9 takes several times longer for a percent or two on float weights
+
+
 def _enc_gzip(t: torch.Tensor, info: Any) -> Parts:
-    return {"data": np.frombuffer(zlib.compress(_bytes(t).tobytes(), 9), dtype=np.uint8)}
+    return {"data": np.frombuffer(zlib.compress(_bytes(t).tobytes(), GZIP_LEVEL), dtype=np.uint8)}
+
+
+def _gzip_estimate(t: torch.Tensor, sample: int = 1 << 20) -> float:
+    """gzip's size on the tensor, estimated from its first ``sample`` bytes."""
+    raw = _bytes(t)
+    if raw.size <= sample:
+        return float(len(zlib.compress(raw.tobytes(), GZIP_LEVEL)))
+    return len(zlib.compress(raw[:sample].tobytes(), GZIP_LEVEL)) * raw.size / sample
 
 
 def _dec_gzip(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any) -> torch.Tensor:
@@ -107,14 +118,32 @@ def _dec_sparse(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any) -
 
 
 def _pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned ``values`` (each < 2**bits) as a little-endian bit stream."""
-    expanded = ((values[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    """Unsigned ``values`` (each < 2**bits) as a little-endian bit stream (whole bytes per
+    code at 8 bits, two per byte at 4, four at 2; bit by bit otherwise)."""
+    v = values.astype(np.uint8)
+    if bits == 8:
+        return v
+    if bits in (4, 2) and v.size % (8 // bits) == 0:
+        per = 8 // bits
+        lanes = v.reshape(-1, per)
+        out = np.zeros(lanes.shape[0], dtype=np.uint8)
+        for i in range(per):
+            out |= lanes[:, i] << (bits * i)
+        return out
+    expanded = ((v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8)
     return np.packbits(expanded.reshape(-1), bitorder="little")
 
 
 def _unpack_bits(stream: np.ndarray, bits: int, n: int) -> np.ndarray:
-    flat = np.unpackbits(stream, count=n * bits, bitorder="little").reshape(n, bits).astype(np.int64)
-    return (flat << np.arange(bits)).sum(1)
+    if bits == 8:
+        return stream[:n].astype(np.int16)
+    if bits in (4, 2) and n % (8 // bits) == 0:
+        per = 8 // bits
+        mask = np.uint8(2**bits - 1)
+        lanes = np.stack([(stream >> (bits * i)) & mask for i in range(per)], axis=1)
+        return lanes.reshape(-1)[:n].astype(np.int16)
+    flat = np.unpackbits(stream, count=n * bits, bitorder="little").reshape(n, bits)
+    return (flat.astype(np.int16) << np.arange(bits, dtype=np.int16)).sum(1, dtype=np.int16)
 
 
 def _scale_dtype(grid: Grid) -> torch.dtype:
@@ -154,6 +183,10 @@ def _dec_quantized(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any
     return values.to(dtype)
 
 
+def _size(parts: Parts) -> int:
+    return sum(a.nbytes for a in parts.values())
+
+
 Encoder = Callable[[torch.Tensor, Any], Parts]
 Decoder = Callable[[Parts, torch.dtype, list[int], Any], torch.Tensor]
 STRATEGIES: dict[str, tuple[Encoder, Decoder]] = {
@@ -180,6 +213,19 @@ DTYPES = {
 
 
 # --------------------------------------------------------------------------- model
+
+
+def _found_grid(tensor: torch.Tensor) -> Any:
+    """(grid, scales, None) when a float 2-D tensor lies on a GGUF grid already (the
+    embedding of a model read from a GGUF file), else None."""
+    from birdbone.core.quantize import SOURCE_GRIDS, on_grid, rtn
+
+    if tensor.dtype != torch.float32 or tensor.ndim != 2 or tensor.shape[1] % 32:
+        return None
+    for grid in SOURCE_GRIDS:
+        if on_grid(tensor, grid):
+            return grid, rtn(tensor, grid)[1], None
+    return None
 
 
 def _quant_info(directory: Path, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -252,7 +298,9 @@ def compress_model(
         entries = {}
         for name, tensor in tensors.items():
             wanted = strategy if isinstance(strategy, str) else strategy.get(name, "auto")
-            grid = quant.get(name) if file.name.startswith("model") else None  # not masks / quant tables
+            grid = None
+            if file.name.startswith("model"):  # not masks / quant tables
+                grid = quant.get(name) or (_found_grid(tensor) if wanted in ("auto", "quantized") else None)
             choice, parts, encode_ms, decode_ms, info = _encode(f"{file.name}/{name}", tensor, wanted, grid)
             key = f"{file.name}/{name}"
             for part, array in parts.items():
@@ -309,10 +357,14 @@ def _encode(name: str, tensor: torch.Tensor, wanted: str, quant: Any) -> tuple[s
             f"{name} has no quantization grid, so the quantized strategy cannot store it. "
             "Fix: strategy auto (or sparse / gzip) for it, or pack a directory the quantize stage wrote."
         )
-    candidates = [wanted] if wanted != "auto" else ["raw", "gzip", "sparse", "rle"]
+    candidates = [wanted] if wanted != "auto" else ["raw", "sparse", "rle"]
     if wanted == "auto" and quant is not None and tensor.dtype == torch.float32 and tensor.ndim == 2:
         candidates.append("quantized")
     encoded = []
+    if wanted == "auto":  # gzip is the slow one: only when a sample says it could win
+        best = min(_size(STRATEGIES[c][0](tensor, quant if c == "quantized" else None)) for c in candidates)
+        if _gzip_estimate(tensor) < 0.98 * best:
+            candidates.append("gzip")
     for choice in candidates:
         start = time.perf_counter()
         parts = STRATEGIES[choice][0](tensor, quant if choice == "quantized" else None)
