@@ -377,7 +377,12 @@ def figure_png(report: dict[str, Any]) -> bytes:
             color = "tab:green" if r["artifact"] == "birdbone" else "tab:blue"
             ax.scatter(x, r["ppl"], color=color, s=60)
             ax.annotate(r["artifact"], (x, r["ppl"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
-        ax.set(xlabel=label, ylabel="test perplexity (llama.cpp logits)")
+            if r.get("ppl_other"):
+                ax.scatter(x, r["ppl_other"], facecolors="none", edgecolors=color, s=60)
+        ax.scatter([], [], color="gray", s=60, label="test split (the healing text's kind)")
+        ax.scatter([], [], facecolors="none", edgecolors="gray", s=60, label="other text (no healing saw it)")
+        ax.legend(fontsize=8)
+        ax.set(xlabel=label, ylabel="perplexity (llama.cpp logits)")
         ax.grid(alpha=0.3)
     axes[0].set_title("perplexity against decode speed (right and low is better)")
     axes[1].set_title("perplexity against size (left and low is better)")
