@@ -28,6 +28,7 @@ groups' scales fixed beforehand on the original columns so that groups stay cont
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from birdbone.core.io import default_umask
 from birdbone.core.linalg import inverse_cholesky, invertible_hessian
 from birdbone.core.walk import calibration_walk
 from birdbone.errors import QuantizeError
@@ -485,6 +487,7 @@ class QuantTable:
             "source": json.dumps(None if self.source is None else grid_list(self.source)),
         }
         save_file(tensors, str(path), metadata=meta)
+        os.chmod(path, 0o666 & ~default_umask())  # safetensors creates 0600 files
 
     @classmethod
     def load(cls, path: Path) -> QuantTable:
