@@ -34,52 +34,36 @@ def _parameters() -> dict[str, Any]:
         return {}
 
 
+def _section(key: str, config_class: str) -> Any:
+    """The recipe's ``key`` section validated as ``birdbone.config.<config_class>``, or None
+    when it is missing or invalid (the recipe check names the problem before anything runs)."""
+    from pydantic import ValidationError
+
+    from birdbone import config
+
+    section = _parameters().get(key)
+    if not section:
+        return None
+    try:
+        return getattr(config, config_class).model_validate(section)
+    except (ValidationError, ValueError, TypeError):
+        return None
+
+
 def decay_waves() -> int:
     """How many wave namespaces the recipe needs: the schedule's waves under the per-wave
     cap, plus room for a gradual rollback (0 without a valid ``decay`` section)."""
-    from pydantic import ValidationError
-
-    from birdbone.config import DecayConfig
-
-    section = _parameters().get("decay")
-    if not section:
-        return 0
+    decay = _section("decay", "DecayConfig")
     try:
-        return DecayConfig.model_validate(section).wave_count()
-    except (ValidationError, ValueError, TypeError):
+        return decay.wave_count() if decay is not None else 0
+    except (ValueError, TypeError):
         return 0  # the recipe check names the problem before anything runs
 
 
 def final_heal() -> bool:
     """Whether the recipe heals the decayed model once more at the end."""
-    from pydantic import ValidationError
-
-    from birdbone.config import HealConfig
-
-    section = _parameters().get("heal")
-    if not section:
-        return False
-    try:
-        config = HealConfig.model_validate(section)
-    except (ValidationError, ValueError, TypeError):
-        return False
-    return config.enabled and config.final.steps > 0
-
-
-def quantize_source() -> str | None:
-    """The model dataset the quantize stage reads (the recipe's last model), or None when
-    quantization is off."""
-    from pydantic import ValidationError
-
-    from birdbone.config import QuantizeConfig
-
-    section = _parameters().get("quantize")
-    try:
-        if not section or not QuantizeConfig.model_validate(section).enabled:
-            return None
-    except (ValidationError, ValueError, TypeError):
-        return None
-    return unquantized_model()
+    heal = _section("heal", "HealConfig")
+    return heal is not None and heal.enabled and heal.final.steps > 0
 
 
 def unquantized_model() -> str:
@@ -89,18 +73,18 @@ def unquantized_model() -> str:
     return "baseline_model"
 
 
+def quantize_source() -> str | None:
+    """The model dataset the quantize stage reads (the recipe's last model), or None when
+    quantization is off."""
+    quantize = _section("quantize", "QuantizeConfig")
+    return unquantized_model() if quantize is not None and quantize.enabled else None
+
+
 def export_source() -> str | None:
     """The model dataset the export stage reads (the recipe's last model), or None when
     export is off."""
-    from pydantic import ValidationError
-
-    from birdbone.config import ExportConfig
-
-    section = _parameters().get("export")
-    try:
-        if not section or not ExportConfig.model_validate(section).enabled:
-            return None
-    except (ValidationError, ValueError, TypeError):
+    export = _section("export", "ExportConfig")
+    if export is None or not export.enabled:
         return None
     return "quantized_model" if quantize_source() is not None else unquantized_model()
 
