@@ -88,12 +88,14 @@ def dense_files(pre: str | None) -> dict[str, Path]:
 
 
 def artifact_file(args: argparse.Namespace, pre: str | None) -> Path:
-    if args.artifact.is_file():
+    """The artifact: ``--artifact`` as it is, or, when absent or with ``--embedding``,
+    ``--model`` exported here (with that embedding type)."""
+    if args.artifact.is_file() and args.embedding is None:
         return args.artifact
-    target = CACHE / "birdbone.gguf"
-    log.info("no %s: exporting %s to %s", args.artifact, args.model, target)
+    target = CACHE / f"birdbone{'_' + args.embedding if args.embedding else ''}.gguf"
+    log.info("exporting %s to %s (embedding %s)", args.model, target, args.embedding or "auto")
     bundle = ModelDataset(str(args.model)).load()
-    gguf_export.write_gguf(bundle, target, tokenizer_pre=pre, overwrite=True)
+    gguf_export.write_gguf(bundle, target, embedding=args.embedding or "auto", tokenizer_pre=pre, overwrite=True)
     return target
 
 
@@ -401,6 +403,8 @@ def main() -> int:
     parser.add_argument("--other", type=int, default=16, help="blocks of the other text (0: none)")
     parser.add_argument("--other-text", type=Path, default=Path("/usr/share/common-licenses"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--embedding", help="export --model with this embedding type (export.gguf.embedding)")
+    parser.add_argument("--rows", help="only these rows of the default model, comma-separated (dense_f16 always)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds over all files (median kept)")
     parser.add_argument("--no-1b", action="store_true", help="skip the 1B-shaped rows")
     parser.add_argument("--no-sparse", action="store_true", help="skip the CSR rows")
@@ -421,6 +425,8 @@ def main() -> int:
     test = blocks["test"][: args.test]
     other = other_blocks(args.other_text, tokenizer, args.other) if args.other else None
     files = {**dense_files(pre), "birdbone": artifact_file(args, pre)}
+    if args.rows:
+        files = {name: path for name, path in files.items() if name in {"dense_f16", *args.rows.split(",")}}
     rows = [quality(name, path, test, other, args.threads) for name, path in files.items()]
     time_rows(rows, test.reshape(-1), speed_config(args), args.rounds)
     if not args.no_1b:
