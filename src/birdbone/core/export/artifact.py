@@ -28,17 +28,18 @@ HF_DIR = "hf"
 PACK_FILE = "model.pack"
 
 
-def check_export(bundle: Any, config: Any) -> None:
-    """Every check the export needs, before anything is written."""
+def check_export(bundle: Any, config: Any) -> gguf_export.GGUFPlan | None:
+    """Every check the export needs, before anything is written; the GGUF plan."""
     if "pack" in config.formats and (bundle.path is None or not (Path(bundle.path) / "birdbone.json").is_file()):
         raise ExportError(
             "the pack format compresses the model directory the model was loaded from, and this model has none. "
             "Fix: export a model loaded from a bird-bone model directory, or drop pack from export.formats."
         )
-    if "gguf" in config.formats:
-        gguf_export.plan_gguf(bundle, config.gguf.float_type, config.gguf.embedding)
-        if config.verify.enabled or config.speed.enabled:
-            llamacpp.require()
+    if "gguf" not in config.formats:
+        return None
+    if config.verify.enabled or config.speed.enabled:
+        llamacpp.require()
+    return gguf_export.plan_gguf(bundle, config.gguf.float_type, config.gguf.embedding)
 
 
 def simulated(bundle: Any, plan: gguf_export.GGUFPlan) -> Any:
@@ -132,18 +133,12 @@ def export_model(
             tolerance (after writing: the files stay for inspection).
     """
     directory = Path(directory)
-    check_export(bundle, config)
+    plan = check_export(bundle, config)
     report: dict[str, Any] = {"path": str(directory), "files": {}}
-    plan = None
     with atomic_dir(directory) as tmp:
-        if "gguf" in config.formats:
-            plan = gguf_export.plan_gguf(bundle, config.gguf.float_type, config.gguf.embedding)
+        if plan is not None:
             report["files"]["gguf"] = gguf_export.write_gguf(
-                bundle,
-                tmp / GGUF_FILE,
-                float_type=config.gguf.float_type,
-                embedding=config.gguf.embedding,
-                tokenizer_pre=tokenizer_pre,
+                bundle, tmp / GGUF_FILE, tokenizer_pre=tokenizer_pre, plan=plan
             )
         if "safetensors" in config.formats:
             report["files"]["safetensors"] = hf.write_hf(bundle, tmp / HF_DIR, config.safetensors.dtype)

@@ -452,9 +452,11 @@ def write_gguf(
     name: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    plan: GGUFPlan | None = None,
 ) -> dict[str, Any]:
     """Writes ``bundle`` as a GGUF file at ``path`` (atomically) and returns the report:
     path, bytes, architecture, each tensor's type, the fallbacks and why, bits per weight.
+    ``plan``: ``plan_gguf``'s result for these settings, when the caller has it already.
 
     Raises:
         ExportError: the model or the settings cannot be exported, ``path`` exists and
@@ -465,7 +467,7 @@ def write_gguf(
     path = Path(path)
     if path.exists() and not overwrite:
         raise ExportError(f"{path} exists. Fix: choose another path, or pass overwrite=True.")
-    plan = plan_gguf(bundle, float_type, embedding, architecture)
+    plan = plan or plan_gguf(bundle, float_type, embedding, architecture)
     model, config = bundle.model, bundle.model.config
     _, _, head_dim = bundle.adapter.attention_shape(config)
     arch = plan.architecture
