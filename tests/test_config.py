@@ -203,3 +203,13 @@ def test_quantize_bits_outside_2_to_8_and_unreachable_budgets_are_refused():
     assert "Fix: avg_bits >= 4.5" in message
     message = error_of(merged(quantize={"mixed": {"levels": [8, 1]}}))
     assert "quantize.mixed.levels.1 = 1" in message and "greater than or equal to 2" in message
+
+
+def test_export_checks_in_llama_cpp_need_a_gguf_and_formats_are_named():
+    message = error_of({**GOOD, "export": {"enabled": True, "formats": ["safetensors"]}})
+    assert "export.verify and export.speed run the GGUF file in llama.cpp" in message
+    assert "Fix: add gguf to export.formats" in message
+    message = error_of({**GOOD, "export": {"enabled": True, "formats": ["onnx"]}})
+    assert "export.formats" in message and "onnx" in message
+    message = error_of({**GOOD, "export": {"enabled": True, "verify": {"tolerance": 0}}})
+    assert "export.verify.tolerance" in message
