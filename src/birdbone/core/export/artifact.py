@@ -163,8 +163,6 @@ def export_model(
         report["files"]["safetensors"]["check"] = hf.check_hf(directory / HF_DIR, bundle, test[:1], uniform)
     if plan is not None and config.verify.enabled:
         report["verify"] = verify_gguf(directory / GGUF_FILE, bundle, plan, test, config.verify)
-    if plan is not None and config.speed.enabled:
-        report["speed"] = measure_speed(directory / GGUF_FILE, dense, test, config.speed, tokenizer_pre)
     verify = report.get("verify")
     if verify and not verify["passed"]:
         rel = 100 * verify["relative_difference"]
@@ -174,4 +172,6 @@ def export_model(
             f"limit {100 * verify['tolerance']:.1f} %). The files are left there for inspection. Fix: report it "
             "with the model; as a stopgap, export.verify.tolerance can be raised."
         )
+    if plan is not None and config.speed.enabled:  # only for a file that passed its check
+        report["speed"] = measure_speed(directory / GGUF_FILE, dense, test, config.speed, tokenizer_pre)
     return report
