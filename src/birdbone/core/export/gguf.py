@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,8 +503,7 @@ def write_gguf(
             linear_weights += weight.numel()
             linear_bits += array.nbytes * 8
 
-    linear_types = [t for n, t in types.items() if n.startswith("blk.") and "norm" not in n]
-    dominant = max(set(linear_types), key=linear_types.count)
+    dominant = Counter(t for n, t in types.items() if n.startswith("blk.") and "norm" not in n).most_common(1)[0][0]
     try:
         with atomic_path(path) as tmp:
             writer = gguf.GGUFWriter(str(tmp), arch)
@@ -567,7 +567,7 @@ def write_gguf(
         "block_linear_bits_per_weight": linear_bits / max(linear_weights, 1),
         "bits_per_weight": path.stat().st_size * 8 / sum(p.numel() for p in model.parameters()),
         "file_type": dominant,
-        "types": dict(sorted(_count(types).items())),
+        "types": dict(sorted(Counter(types.values()).items())),
         "embedding": plan.storage["token_embd.weight"].type,
         "fallbacks": plan.fallbacks(),
         "notes": plan.notes,
@@ -582,10 +582,3 @@ def write_gguf(
         f", {len(report['fallbacks'])} tensors not in their grid's own format" if report["fallbacks"] else "",
     )
     return report
-
-
-def _count(types: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for kind in types.values():
-        out[kind] = out.get(kind, 0) + 1
-    return out

@@ -81,10 +81,14 @@ def _dec_gzip(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any) -> 
     return _tensor(np.frombuffer(zlib.decompress(parts["data"].tobytes()), dtype=np.uint8), dtype, shape)
 
 
+def _word(dtype: torch.dtype) -> type:
+    """The unsigned integer type as wide as one element of ``dtype``."""
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[torch.empty(0, dtype=dtype).element_size()]
+
+
 def _words(t: torch.Tensor) -> np.ndarray:
     """The tensor's elements as unsigned integers of their width (equal bits, equal words)."""
-    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[t.element_size()]
-    return _bytes(t).view(width)
+    return _bytes(t).view(_word(t.dtype))
 
 
 def _enc_rle(t: torch.Tensor, info: Any) -> Parts:
@@ -97,7 +101,7 @@ def _enc_rle(t: torch.Tensor, info: Any) -> Parts:
 
 
 def _dec_rle(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any) -> torch.Tensor:
-    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[torch.empty(0, dtype=dtype).element_size()]
+    width = _word(dtype)
     words = np.repeat(parts["values"].view(width), parts["lengths"].view(np.uint32))
     return _tensor(words.view(np.uint8), dtype, shape)
 
@@ -110,7 +114,7 @@ def _enc_sparse(t: torch.Tensor, info: Any) -> Parts:
 
 def _dec_sparse(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any) -> torch.Tensor:
     n = int(np.prod(shape))
-    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[torch.empty(0, dtype=dtype).element_size()]
+    width = _word(dtype)
     nonzero = np.unpackbits(parts["mask"], count=n).astype(bool)
     words = np.zeros(n, dtype=width)
     words[nonzero] = parts["values"].view(width)
@@ -218,14 +222,12 @@ DTYPES = {
 def _found_grid(tensor: torch.Tensor) -> Any:
     """(grid, scales, None) when a float 2-D tensor lies on a GGUF grid already (the
     embedding of a model read from a GGUF file), else None."""
-    from birdbone.core.quantize import SOURCE_GRIDS, on_grid, rtn
+    from birdbone.core.quantize import detect_grid, rtn
 
     if tensor.dtype != torch.float32 or tensor.ndim != 2 or tensor.shape[1] % 32:
         return None
-    for grid in SOURCE_GRIDS:
-        if on_grid(tensor, grid):
-            return grid, rtn(tensor, grid)[1], None
-    return None
+    grid = detect_grid({"tensor": tensor})
+    return None if grid is None else (grid, rtn(tensor, grid)[1], None)
 
 
 def _quant_info(directory: Path, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
