@@ -203,6 +203,10 @@ def test_quantize_bits_outside_2_to_8_and_unreachable_budgets_are_refused():
     assert "Fix: avg_bits >= 4.5" in message
     message = error_of(merged(quantize={"mixed": {"levels": [8, 1]}}))
     assert "quantize.mixed.levels.1 = 1" in message and "greater than or equal to 2" in message
+    message = error_of(merged(quantize={"head": {"enabled": True, "bits": 1}}))
+    assert "quantize.head.bits = 1" in message and "greater than or equal to 2" in message
+    message = error_of(merged(quantize={"head": {"enabled": True, "method": "awq"}}))
+    assert "quantize.head.method" in message and "'rtn' or 'gptq'" in message
 
 
 def test_export_checks_in_llama_cpp_need_a_gguf_and_formats_are_named():

@@ -68,9 +68,10 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert summary["speed"]["runtime"] == "llama.cpp" and summary["speed"]["decode_x_dense_f16"] > 0
     export = json.loads((project / "data/08_reporting/export.json").read_text())
     assert abs(export["verify"]["relative_difference"]) <= 0.01
-    assert export["files"]["gguf"]["types"]["Q4_0"] == 2 * 7
+    assert export["files"]["gguf"]["types"]["Q4_0"] == 2 * 7 + 2  # the quantized head and embedding too
+    assert export["files"]["gguf"]["embedding"] == "Q4_0"
     assert export["files"]["safetensors"]["check"]["same_top_token"] > 0.95
-    assert export["files"]["pack"]["lossless"] and export["files"]["pack"]["strategies"]["quantized"] == 2 * 7
+    assert export["files"]["pack"]["lossless"] and export["files"]["pack"]["strategies"]["quantized"] == 2 * 7 + 2
     assert runs["metrics.export.ppl_llama_cpp"][0] == pytest.approx(export["verify"]["ppl_llama_cpp"])
 
 
@@ -83,7 +84,13 @@ def test_the_quantized_model_keeps_the_masks_and_every_weight_is_on_its_grid(pro
     bundle = ModelDataset(str(project / "models/quantized")).load()
     assert bundle.masks.equals(healed.masks) and bundle.masks.overall_sparsity() > 0.3
     weights = {f"{n}.weight": lin.weight.data for n, lin in bundle.adapter.linears(bundle.model).items()}
-    assert set(bundle.quant.scales) == set(weights)
+    heads = {
+        "lm_head.weight": bundle.model.lm_head.weight,
+        "model.embed_tokens.weight": bundle.model.model.embed_tokens.weight,
+    }
+    assert set(bundle.quant.scales) == set(weights) | set(heads)  # quantize.head in the test conf
+    for name, w in heads.items():
+        quantize.codes(w, bundle.quant.scales[name], bundle.quant.grid_of(name))
     for name, w in weights.items():
         keep = bundle.masks[name]
         assert torch.all(w[~keep] == 0), name
@@ -132,7 +139,9 @@ def test_mixed_precision_keeps_the_grids_the_fake_quant_heal_trained_against(pro
     assert trained is not None and not trained.scales  # the plan the heal trained against, no codes yet
     assert {g.bits for g in trained.grids.values()} == {8, 4}
     quantized = ModelDataset(str(project / "models/quantized")).load().quant
-    assert quantized.grids == trained.grids and set(quantized.scales) == set(trained.grids)
+    heads = {"lm_head.weight", "model.embed_tokens.weight"}  # quantize.head in the test conf, not trained against
+    assert {n: g for n, g in quantized.grids.items() if n not in heads} == trained.grids
+    assert set(quantized.scales) == set(trained.grids) | heads
 
 
 def test_same_recipe_same_numbers(project):

@@ -691,6 +691,24 @@ class GPTQOptions(Stage):
     act_order: bool = True
 
 
+class HeadQuantConfig(Stage):
+    """The output head (SmolLM2 ties it to the embedding): quantized by the stage, so the
+    export packs its codes instead of rounding it to nearest. Every decoded token reads the
+    whole head, so its bits weigh on speed like a block's; GPTQ takes its Hessian from the
+    last block's normed outputs on the calibration blocks."""
+
+    enabled: bool = False
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: Annotated[int, Field(ge=2, le=8)] = 4
+    group: PositiveInt | None = 32
+    sym: bool = True
+
+    def grid(self) -> Any:
+        from birdbone.core.quantize import Grid
+
+        return Grid(self.bits, self.group, self.sym)
+
+
 class StressConfig(Stage):
     """When a block counts as under stress in mixed precision, and how often to rebalance."""
 
@@ -779,6 +797,7 @@ class QuantizeConfig(Stage):
           gptq: {block_size: 128, damp: 0.01, act_order: true}
           mixed: {enabled: false, avg_bits: 4.5, levels: [8, 4], group: 128}
           lowrank: {report: true, explained_variance: 0.99, min_saving: 0.1, correction_rank: 0}
+          head: {enabled: false, method: gptq, bits: 4, group: 32, sym: true}   # the output head too
     """
 
     enabled: bool = False
@@ -794,6 +813,7 @@ class QuantizeConfig(Stage):
     gptq: GPTQOptions = GPTQOptions()
     mixed: MixedConfig = MixedConfig()
     lowrank: LowRankConfig = LowRankConfig()
+    head: HeadQuantConfig = HeadQuantConfig()
 
     @model_validator(mode="after")
     def _superblock_layout(self) -> QuantizeConfig:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from birdbone.core.io import default_umask
 from birdbone.core.linalg import inverse_cholesky, invertible_hessian
@@ -320,14 +321,28 @@ def detect_grid(weights: dict[str, torch.Tensor], masks: Any = None) -> Grid | N
 
 class _Quantizer:
     """A calibration-walk method that quantizes every Linear of each block to its grid
-    (GPTQ with the block's Hessians, or round-to-nearest from the weights alone)."""
+    (GPTQ with the block's Hessians, or round-to-nearest from the weights alone), and
+    gathers the output head's Hessian from the last block's normed outputs when the head
+    is to be quantized with GPTQ."""
 
     needs_frequency = False
 
-    def __init__(self, grids: dict[str, Grid | None], method: str, prefix: str, masks: Any, options: Any):
+    def __init__(
+        self,
+        grids: dict[str, Grid | None],
+        method: str,
+        prefix: str,
+        masks: Any,
+        options: Any,
+        head: tuple[nn.Module, int] | None = None,
+    ):
         self.grids, self.method, self.prefix, self.masks, self.options = grids, method, prefix, masks, options
-        self.needs_inputs = self.needs_gram = method == "gptq"
+        self.needs_gram = method == "gptq"
+        self.needs_inputs = self.needs_gram or head is not None
         self.scales: dict[str, Scales] = {}
+        self.head = head  # (the final norm, the last block's index): the head's inputs are collected
+        self.head_gram: torch.Tensor | None = None
+        self.head_tokens = 0
 
     def process(self, index: int, block: Any, linears: dict[str, Any], stats: dict[str, Any]) -> None:
         for name, linear in linears.items():
@@ -350,6 +365,43 @@ class _Quantizer:
             else:
                 self.scales[full] = rtn_(linear.weight.data, grid, keep)
 
+    def after_block(self, index: int, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        if self.head is None or index != self.head[1]:
+            return
+        norm = self.head[0]
+        for out in outputs:
+            x = norm(out.float()).float().reshape(-1, out.shape[-1])
+            gram = x.T @ x
+            self.head_gram = gram if self.head_gram is None else self.head_gram + gram
+            self.head_tokens += x.shape[0]
+
+    def head_hessian(self) -> torch.Tensor:
+        assert self.head_gram is not None
+        return 2 * self.head_gram / max(self.head_tokens, 1)
+
+
+def head_weights(bundle: Any) -> dict[str, nn.Parameter]:
+    """The output head's weight by name (the embedding's name when the two are tied), and
+    the embedding's when it is not tied."""
+    model, adapter = bundle.model, bundle.adapter
+    embed = {f"{adapter.embed_path}.weight": adapter.embeddings(model).weight}
+    if getattr(model.config, "tie_word_embeddings", False):
+        return embed
+    return {f"{adapter.head_path}.weight": adapter.head(model).weight, **embed}
+
+
+def check_head(bundle: Any, grid: Grid) -> None:
+    """Raises before any compute if the head (or embedding) cannot take ``grid``."""
+    for name, weight in head_weights(bundle).items():
+        columns = weight.shape[1]
+        if grid.group is not None and columns % grid.group:
+            raise QuantizeError(
+                f"the output head {name} has {columns} columns (the model's width), which quantize.head.group "
+                f"{grid.group} does not divide. Fix: a quantize.head.group that divides {columns}, or null for one "
+                "group per row."
+            )
+        check_grid(name, tuple(weight.shape), grid)
+
 
 def quantize_model_(
     bundle: Any,
@@ -360,6 +412,7 @@ def quantize_model_(
     device: torch.device | str = "cpu",
     options: Any = None,
     compute_dtype: torch.dtype | None = None,
+    head: tuple[Grid, str] | None = None,
 ) -> dict[str, Scales]:
     """Quantizes every decoder-block Linear of ``bundle.model`` in place to its grid
     (None: left as it is) and returns the scales of each quantized weight.
@@ -369,14 +422,60 @@ def quantize_model_(
         method: ``rtn`` or ``gptq`` (needs ``calibration`` and ``options`` with block_size,
             damp, act_order).
         compute_dtype: autocast type of the calibration forward passes (GPTQ's math is float32).
+        head: (grid, ``rtn`` or ``gptq``): the output head too, after the blocks: GPTQ with
+            the Hessian of its inputs (the quantized blocks' normed outputs); an untied
+            embedding goes to the same grid by round-to-nearest. Their scales are returned
+            under ``head_weights``' names.
     """
-    if method not in ("rtn", "gptq"):
-        raise QuantizeError(f"unknown quantization method '{method}'. Fix: quantize.method rtn or gptq.")
-    if method == "gptq" and (calibration is None or calibration.shape[0] == 0):
+    for m in (method, *([head[1]] if head else [])):
+        if m not in ("rtn", "gptq"):
+            raise QuantizeError(
+                f"unknown quantization method '{m}'. Fix: quantize.method (or head.method) rtn or gptq."
+            )
+    gptq_head = head is not None and head[1] == "gptq"
+    if (method == "gptq" or gptq_head) and (calibration is None or calibration.shape[0] == 0):
         raise QuantizeError("GPTQ needs calibration blocks. Fix: data.splits.calibration > 0, or quantize.method rtn.")
-    quantizer = _Quantizer(grids, method, bundle.adapter.blocks_path, bundle.masks, options)
+    if head is not None:
+        check_head(bundle, head[0])
+    adapter = bundle.adapter
+    last = len(adapter.blocks(bundle.model)) - 1
+    quantizer = _Quantizer(
+        grids,
+        method,
+        adapter.blocks_path,
+        bundle.masks,
+        options,
+        (adapter.final_norm(bundle.model), last) if gptq_head else None,
+    )
     calibration_walk(bundle, calibration, quantizer, batch_size, device, f"{method} quantization", compute_dtype)  # type: ignore[arg-type]
+    if head is not None:
+        quantizer.scales.update(_quantize_head_(bundle, head[0], quantizer if gptq_head else None, options))
     return quantizer.scales
+
+
+@torch.no_grad()
+def _quantize_head_(bundle: Any, grid: Grid, quantizer: _Quantizer | None, options: Any) -> dict[str, Scales]:
+    """The head by GPTQ with the walk's Hessian (``quantizer``) or round-to-nearest; an
+    untied embedding by round-to-nearest."""
+    weights = head_weights(bundle)
+    head = next(iter(weights))  # the head's name comes first
+    block_size, damp, act_order = (
+        (128, 0.01, True)
+        if options is None
+        else (
+            options.block_size,
+            options.damp,
+            options.act_order,
+        )
+    )
+    scales = {}
+    for name, weight in weights.items():
+        if quantizer is not None and name == head:
+            hessian = quantizer.head_hessian().to(weight.device)
+            scales[name] = gptq_(weight.data, hessian, grid, None, block_size, damp, act_order, name)
+        else:
+            scales[name] = rtn_(weight.data, grid)
+    return scales
 
 
 def plan_grids(bundle: Any, grid: Grid, keep_source_grid: bool = True) -> tuple[dict[str, Grid | None], Grid | None]:
@@ -452,6 +551,8 @@ def check_quantize(bundle: Any, config: Any) -> None:
     for name, shape in sizes.items():
         for grid in grids:
             check_grid(name, shape, grid)
+    if config.head.enabled:
+        check_head(bundle, config.head.grid())
 
 
 QUANT_FILE = "quant.safetensors"

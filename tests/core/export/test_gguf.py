@@ -14,7 +14,7 @@ from birdbone.core import evaluate, modeling, structure
 from birdbone.core.export import gguf as export_gguf
 from birdbone.core.export import llamacpp
 from birdbone.core.masks import MaskSet
-from birdbone.core.quantize import Grid, QuantTable, quantize_model_
+from birdbone.core.quantize import Grid, QuantTable, head_weights, quantize_model_
 from birdbone.errors import ExportError
 
 
@@ -103,7 +103,7 @@ def test_deci_and_llama_files_of_one_model_generate_the_same_text(sharp, tmp_pat
     assert llamacpp.generate(tmp_path / "deci.gguf", prompt, 16) == llama
 
 
-def _quantized(bundle: modeling.ModelBundle, grids_for) -> modeling.ModelBundle:
+def _quantized(bundle: modeling.ModelBundle, grids_for, head: tuple[Grid, str] | None = None) -> modeling.ModelBundle:
     linears = bundle.adapter.linears(bundle.model)
     masks = MaskSet(
         {
@@ -114,8 +114,9 @@ def _quantized(bundle: modeling.ModelBundle, grids_for) -> modeling.ModelBundle:
     masks.apply_(bundle.model)
     bundle.masks = masks
     grids = {f"{n}.weight": grids_for(n) for n in linears}
-    scales = quantize_model_(bundle, grids, "rtn", _ids(len(bundle.tokenizer)), 2)
-    bundle.quant = QuantTable(grids, scales)
+    scales = quantize_model_(bundle, grids, "rtn", _ids(len(bundle.tokenizer)), 2, head=head)
+    heads = {name: head[0] for name in head_weights(bundle)} if head else {}
+    bundle.quant = QuantTable({**grids, **heads}, scales)
     return bundle
 
 
@@ -136,6 +137,31 @@ def test_quantized_weights_are_packed_not_rounded_again(sharp, tmp_path) -> None
     export_gguf.simulate_(bundle, plan)
     ids = _ids(len(bundle.tokenizer), 4)
     assert abs(llamacpp.perplexity(path, ids)["ppl"] / evaluate.perplexity(bundle.model, ids)["ppl"] - 1) < 0.01
+
+
+def test_a_head_the_quantize_stage_quantized_is_packed_as_it_left_it(sharp, tmp_path) -> None:
+    bundle = _quantized(sharp, lambda n: Grid(4, 32, True), head=(Grid(4, 32, True), "gptq"))
+    path = tmp_path / "q.gguf"
+    report = export_gguf.write_gguf(bundle, path, progress=False)
+    assert report["embedding"] == "Q4_0" and report["types"] == {"Q4_0": 3 * 7 + 2, "F32": 7}
+    assert not any(not name.startswith("blk.") for name in report["fallbacks"])
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for gname, weight in (
+        ("output.weight", bundle.model.lm_head.weight),
+        ("token_embd.weight", bundle.model.model.embed_tokens.weight),
+    ):
+        back = gguf.quants.dequantize(np.array(tensors[gname].data), tensors[gname].tensor_type)
+        assert np.array_equal(back.reshape(weight.shape), weight.detach().numpy())
+    plan = export_gguf.plan_gguf(bundle)
+    before = bundle.model.lm_head.weight.detach().clone()
+    export_gguf.simulate_(bundle, plan)  # nothing left to round: the file holds the torch weights
+    assert torch.equal(bundle.model.lm_head.weight, before)
+    ids = _ids(len(bundle.tokenizer), 4)
+    assert abs(llamacpp.perplexity(path, ids)["ppl"] / evaluate.perplexity(bundle.model, ids)["ppl"] - 1) < 0.01
+    # another type asked for: the export rounds the quantized head again, and says so
+    again = export_gguf.write_gguf(bundle, tmp_path / "q8.gguf", embedding="Q8_0", progress=False)
+    assert again["embedding"] == "Q8_0"
+    assert "quantized head (4-bit sym g32) rounded again to Q8_0" in again["fallbacks"]["token_embd.weight"]
 
 
 def test_groups_no_block_format_holds_fall_back_to_f16_and_are_listed(sharp, tmp_path) -> None:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from birdbone.core.export.pack import STRATEGIES, compress_model, decompress_model
 from birdbone.core.masks import MaskSet
-from birdbone.core.quantize import Grid, QuantTable, quantize_model_
+from birdbone.core.quantize import Grid, QuantTable, head_weights, quantize_model_
 from birdbone.datasets import ModelDataset
 from birdbone.errors import ExportError
 
@@ -25,8 +25,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.fixture()
 def model_dir(tiny_bundle, tmp_path):
-    """The tiny model pruned (60 %) and quantized to 4-bit symmetric groups of 32, saved
-    as the quantize stage saves it."""
+    """The tiny model pruned (60 %) and quantized to 4-bit symmetric groups of 32, its
+    output head and embedding too, saved as the quantize stage saves it."""
     linears = tiny_bundle.adapter.linears(tiny_bundle.model)
     generator = torch.Generator().manual_seed(0)
     masks = MaskSet(
@@ -36,7 +36,9 @@ def model_dir(tiny_bundle, tmp_path):
     tiny_bundle.masks = masks
     grids = {f"{n}.weight": Grid(4, 32, True) for n in linears}
     ids = torch.randint(0, 512, (2, 16), generator=generator)
-    tiny_bundle.quant = QuantTable(grids, quantize_model_(tiny_bundle, grids, "rtn", ids, 2))
+    scales = quantize_model_(tiny_bundle, grids, "rtn", ids, 2, head=(Grid(4, 32, True), "gptq"))
+    heads = dict.fromkeys(head_weights(tiny_bundle), Grid(4, 32, True))
+    tiny_bundle.quant = QuantTable({**grids, **heads}, scales)
     ModelDataset(str(tmp_path / "model")).save(tiny_bundle)
     return tmp_path / "model"
 
@@ -58,6 +60,9 @@ def test_auto_takes_the_quantized_codes_for_pruned_quantized_weights(model_dir, 
     # 4-bit codes + a float16 scale per 32 + a 1-bit mask, against 32-bit floats
     assert up["ratio"] == pytest.approx(32 / (4 + 16 / 32 + 1), rel=0.02)
     assert stats["tensors"]["model.safetensors/model.norm.weight"]["strategy"] in ("rle", "gzip", "raw")
+    for head in ("lm_head.weight", "model.embed_tokens.weight"):  # no mask: 4-bit codes and the scales
+        assert stats["tensors"][f"model.safetensors/{head}"]["strategy"] == "quantized"
+        assert stats["tensors"][f"model.safetensors/{head}"]["ratio"] == pytest.approx(32 / (4 + 16 / 32), rel=0.02)
     assert stats["ratio"] > 1.5 and stats["encode_ms"] > 0 and stats["decode_ms"] > 0
     back = decompress_model(tmp_path / "m.pack", tmp_path / "back")
     before, after = load_file(model_dir / "model.safetensors"), load_file(back / "model.safetensors")

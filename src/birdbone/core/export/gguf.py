@@ -359,14 +359,25 @@ def plan_gguf(bundle: Any, float_type: str = "F16", embedding: str = "auto", arc
     notes: list[str] = []
 
     embed = adapter.embeddings(model).weight
-    if embedding == "auto":
+    quantized = bundle.quant.grids.get(f"{adapter.embed_path}.weight") if bundle.quant is not None else None
+    round_grid: Grid | None = None
+    if embedding == "auto" and quantized is not None:  # the quantize stage's head codes, packed as they are
+        emb = container(quantized, embed.shape[1])
+    elif embedding == "auto":
         found = detect_grid({"embed": embed})
         kind = next((k for k, g in NATIVE.items() if g == found), None)
         emb = Storage(kind, found) if kind else Storage("Q8_0", NATIVE["Q8_0"], "embedding rounded to Q8_0 (RTN)")
+        round_grid = emb.grid
     elif embedding in NATIVE:
         emb = Storage(embedding, NATIVE[embedding])
     else:
         emb = Storage(embedding)
+    if embedding != "auto":
+        round_grid = emb.grid
+        if quantized is not None:
+            emb = Storage(
+                emb.type, emb.grid, f"the quantized head ({quantized.describe()}) rounded again to {emb.type}"
+            )
     storage["token_embd.weight"], source["token_embd.weight"] = emb, f"{adapter.embed_path}.weight"
     if not model.config.tie_word_embeddings:
         storage["output.weight"], source["output.weight"] = emb, f"{adapter.head_path}.weight"
@@ -404,7 +415,7 @@ def plan_gguf(bundle: Any, float_type: str = "F16", embedding: str = "auto", arc
     arch = architecture if architecture != "auto" else "llama" if uniform else "deci"
     if not uniform:
         notes.append("uneven layer shapes: written as llama.cpp's deci architecture (per-layer arrays)")
-    return GGUFPlan(arch, shapes, storage, source, emb.grid, notes)
+    return GGUFPlan(arch, shapes, storage, source, round_grid, notes)
 
 
 @torch.no_grad()
@@ -488,6 +499,8 @@ def write_gguf(
         hf_name = plan.source[gname]
         weight = params[hf_name]
         scales = quant.scales.get(hf_name) if quant is not None else None
+        if scales is not None and not gname.startswith("blk.") and plan.embedding_grid is not None:
+            scales = None  # the export rounds the head to another type itself
         keep = masks[hf_name] if masks is not None and hf_name in masks else None
         if gname.endswith(("attn_q.weight", "attn_k.weight")):
             layer = int(gname.split(".")[1])

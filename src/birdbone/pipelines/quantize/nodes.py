@@ -30,6 +30,7 @@ from birdbone.core.quantize import (
     QuantTable,
     average_bits,
     check_quantize,
+    head_weights,
     linear_sizes,
     plan_grids,
     quantize_model_,
@@ -109,6 +110,7 @@ def quantize_with(
         device,
         config.gptq,
         autocast_dtype(config.compute_dtype),
+        (config.head.grid(), config.head.method) if config.head.enabled else None,
     )
     return grids, source, allocation, scales
 
@@ -228,7 +230,8 @@ def quantize_model(
     start = time.perf_counter()
     grids, source, allocation, scales = quantize_with(bundle, config, blocks, device, planned_grids(bundle, config))
     seconds = time.perf_counter() - start
-    bundle.quant = QuantTable(grids, scales, source)
+    heads = {name: config.head.grid() for name in head_weights(bundle)} if config.head.enabled else {}
+    bundle.quant = QuantTable({**grids, **heads}, scales, source)
     plain = {}
     if originals:
         plain = {
@@ -265,6 +268,11 @@ def quantize_model(
         "ppl_val_without_correction": plain.get("validation"),
         "ppl_test_without_correction": plain.get("test"),
         "factorizable": factor_summary(factors, config.lowrank),
+        "head": (
+            {"grid": config.head.grid().describe(), "method": config.head.method, "weights": sorted(heads)}
+            if heads
+            else None
+        ),
     }
     log.info(
         "quantized (%s%s): %.3f bits per weight, test perplexity %.3f -> %.3f (%+.1f %%) in %.0f s",
