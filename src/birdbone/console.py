@@ -3,6 +3,8 @@ of a project for its own CLI plugins).
 
     birdbone heal models/decayed --out models/healed-more [--env base] [--steps N] [--lr X]
 
+    birdbone params [--env local] [--out params.yaml]
+
     birdbone pack models/quantized models/quantized.pack [--strategy auto] [--overwrite]
     birdbone unpack models/quantized.pack models/restored [--overwrite]
 
@@ -10,6 +12,11 @@ of a project for its own CLI plugins).
 takes the fewest bytes (``core.export.pack``: gzip, run-length, sparse bitmask + values,
 quantized codes + scales), and prints the ratio and milliseconds per strategy; ``unpack``
 rebuilds the directory bit for bit.
+
+``params`` writes the recipe ``kedro run --env ENV`` would run (conf/base with the env's
+files over it), validated and with every default filled in, as one YAML file: the params
+file ``dvc.yaml``'s stages depend on section by section, so that changing one setting
+reruns only the stages downstream of it.
 
 ``heal`` heals a model directory (its ``masks.safetensors`` kept) with the recipe's
 ``heal`` settings on the run's healing blocks. It runs unchanged under ``accelerate
@@ -91,6 +98,27 @@ def heal(args: argparse.Namespace) -> int:
     return 1 if report.stopped else 0
 
 
+def params(args: argparse.Namespace) -> int:
+    import yaml
+
+    from birdbone.config import validate_recipe
+    from birdbone.core.io import write_bytes_atomic
+
+    conf = args.conf
+    if not (conf / "base").is_dir():
+        print(f"birdbone params: no {conf}/base. Fix: run it in the project root, or pass --conf.", file=sys.stderr)
+        return 2
+    if not (conf / args.env).is_dir():
+        envs = sorted(p.name for p in conf.iterdir() if p.is_dir())
+        print(f"birdbone params: no environment {args.env} in {conf} (there: {', '.join(envs)}).", file=sys.stderr)
+        return 2
+    recipe = validate_recipe(_parameters(conf, args.env), Path.cwd(), [conf / "base", conf / args.env])
+    text = "# written by `birdbone params --env {env}`: the recipe of conf/base + conf/{env}, defaults filled in\n"
+    body = yaml.safe_dump({"env": args.env, **recipe.model_dump(mode="json")}, sort_keys=False)
+    write_bytes_atomic(args.out, (text.format(env=args.env) + body).encode())
+    return 0
+
+
 def pack(args: argparse.Namespace) -> int:
     """Packs ``args.source`` into ``args.target``; prints the statistics."""
     from birdbone.core.export.pack import compress_model
@@ -138,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--teacher", type=Path, default=Path("data/04_feature/heal_teacher_topk.safetensors"))
     cmd.add_argument("--steps", type=int, help="optimizer steps (default: heal.final.steps)")
     cmd.add_argument("--lr", type=float, help="peak learning rate (default: heal.final.lr)")
+    cmd = sub.add_parser("params", help="write the env's validated recipe, defaults filled, as one YAML (for DVC)")
+    cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
+    cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
+    cmd.add_argument("--out", type=Path, default=Path("params.yaml"))
     cmd = sub.add_parser("pack", help="store a model directory compactly, lossless (per-tensor strategies)")
     cmd.add_argument("source", type=Path, help="a model directory (or one .safetensors file)")
     cmd.add_argument("target", type=Path, help="the pack file to write")
@@ -151,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from birdbone.errors import BirdboneError
 
-    commands = {"heal": heal, "pack": pack, "unpack": unpack}
+    commands = {"heal": heal, "params": params, "pack": pack, "unpack": unpack}
     try:
         return commands[args.command](args)
     except BirdboneError as exc:
