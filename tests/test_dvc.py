@@ -6,6 +6,7 @@ brings back every model of the first commit bit for bit."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ def repo(tmp_path: Path) -> Path:
     _sh(repo, "dvc", "init", "-q")
     _sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
     _sh(repo, "birdbone", "params", "--env", "test")
+    shutil.copy(ROOT / "scripts/hooks/post-commit", repo / ".git/hooks/post-commit")  # as the set-up installs it
     return repo
 
 
@@ -84,6 +86,20 @@ def test_repro_reruns_what_changed_and_checkout_restores_every_model_bit_for_bit
     assert after["models/baseline/model.safetensors"] == before["models/baseline/model.safetensors"]
     assert after["models/healed/masks.safetensors"] != before["models/healed/masks.safetensors"]
     _commit(repo, "sparsity 0.4")
+    # the hook wrote the commit's diff bundle: the setting, the masks, the metrics, the hashes
+    sha = _sh(repo, "git", "rev-parse", "HEAD").strip()
+    bundle = json.loads((repo / "diffs" / sha / "bundle.json").read_text())
+    assert {"key": "decay.pattern.sparsity", "before": 0.5, "after": 0.4} in bundle["params"]
+    files = [f for f in bundle["files"] if not f.startswith("diffs/")]  # the first commit's bundle came along
+    assert files == ["conf/test/parameters_decay.yml", "dvc.lock", "params.yaml"]
+    masks = bundle["masks"]
+    assert masks["model"] == "models/quantized" and masks["changed_layers"] == 2 * 7
+    assert masks["revived"] > 0 and masks["revived"] - masks["removed"] == sum(
+        r["kept_after"] - r["kept_before"] for r in masks["layers"]
+    )
+    assert any(m["key"] == "quantize.ppl_test" for m in bundle["metrics"])
+    assert bundle["weights_sha256"] == after
+    assert "`decay.pattern.sparsity`: 0.5 -> 0.4" in (repo / "diffs" / sha / "README.md").read_text()
     metrics = _sh(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
     assert "data/08_reporting/decay.json" in metrics
     _sh(repo, "dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", str(repo.parent / "plots"))

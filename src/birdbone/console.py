@@ -4,6 +4,7 @@ of a project for its own CLI plugins).
     birdbone heal models/decayed --out models/healed-more [--env base] [--steps N] [--lr X]
 
     birdbone params [--env local] [--out params.yaml]
+    birdbone bump [--rev HEAD] [--tag] [--push]
 
     birdbone pack models/quantized models/quantized.pack [--strategy auto] [--overwrite]
     birdbone unpack models/quantized.pack models/restored [--overwrite]
@@ -17,6 +18,12 @@ rebuilds the directory bit for bit.
 files over it), validated and with every default filled in, as one YAML file: the params
 file ``dvc.yaml``'s stages depend on section by section, so that changing one setting
 reruns only the stages downstream of it.
+
+``bump`` writes the diff bundle of a commit, ``diffs/<sha>/`` (``core.diffs``: the settings
+changed against the parent, the mask delta per layer, the metric deltas, the weights'
+SHA-256), optionally tags it ``model-v<N>`` and pushes the DVC outputs to the default
+remote. The git hook ``scripts/hooks/post-commit`` (installed by the set-up) runs it for
+every commit that changes ``dvc.lock``, ``params.yaml`` or ``conf/``.
 
 ``heal`` heals a model directory (its ``masks.safetensors`` kept) with the recipe's
 ``heal`` settings on the run's healing blocks. It runs unchanged under ``accelerate
@@ -119,6 +126,37 @@ def params(args: argparse.Namespace) -> int:
     return 0
 
 
+def bump(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from birdbone.core import diffs
+
+    root = Path.cwd()
+    path = diffs.write_bundle(root, args.rev, args.out)
+    bundle = json.loads((path / "bundle.json").read_text())
+    print(
+        f"{path}: {len(bundle['params'])} settings changed, {bundle['masks']['changed_layers']} layers' masks, "
+        f"{len(bundle['metrics'])} metrics"
+    )
+    if args.tag:
+        tags = diffs.git(root, "tag", "--list", "model-v*").split()
+        numbers = [int(t.removeprefix("model-v")) for t in tags if t.removeprefix("model-v").isdigit()]
+        tag = f"model-v{max(numbers, default=0) + 1}"
+        diffs.git(root, "tag", "-a", tag, bundle["commit"], "-m", f"bird-bone model {tag}: {bundle['message']}")
+        print(f"tagged {bundle['commit'][:12]} as {tag}")
+    if args.push:
+        done = subprocess.run(["dvc", "push"], cwd=root, capture_output=True, text=True)
+        if done.returncode:
+            print(
+                f"birdbone bump: dvc push failed: {done.stderr.strip() or done.stdout.strip()}\n"
+                "Fix: set a default remote (dvc remote add -d local /path/to/dir), then birdbone bump --push again.",
+                file=sys.stderr,
+            )
+            return 2
+        print("pushed the DVC outputs to the default remote")
+    return 0
+
+
 def pack(args: argparse.Namespace) -> int:
     """Packs ``args.source`` into ``args.target``; prints the statistics."""
     from birdbone.core.export.pack import compress_model
@@ -170,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
     cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
     cmd.add_argument("--out", type=Path, default=Path("params.yaml"))
+    cmd = sub.add_parser("bump", help="write diffs/<sha>/ for a commit; --tag model-v<N>; --push to the DVC remote")
+    cmd.add_argument("--rev", default="HEAD", help="the commit (default HEAD)")
+    cmd.add_argument("--out", type=Path, help="where bundles go (default diffs/)")
+    cmd.add_argument("--tag", action="store_true", help="tag the commit model-v<N>, N one more than the last")
+    cmd.add_argument("--push", action="store_true", help="dvc push to the default remote")
     cmd = sub.add_parser("pack", help="store a model directory compactly, lossless (per-tensor strategies)")
     cmd.add_argument("source", type=Path, help="a model directory (or one .safetensors file)")
     cmd.add_argument("target", type=Path, help="the pack file to write")
@@ -183,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from birdbone.errors import BirdboneError
 
-    commands = {"heal": heal, "params": params, "pack": pack, "unpack": unpack}
+    commands = {"heal": heal, "params": params, "bump": bump, "pack": pack, "unpack": unpack}
     try:
         return commands[args.command](args)
     except BirdboneError as exc:

@@ -1,0 +1,211 @@
+"""Diff bundles: what one commit changed, against its parent, in ``diffs/<sha>/``.
+
+A bundle holds the settings that changed (dotted keys of ``params.yaml``, old and new), a
+per-layer mask delta of the recipe's last pruned model (weights removed, weights revived:
+regrown or restored), the change of every number in ``summary.json``, and the SHA-256 of
+each weight file of the commit. The parent's files come from git (``params.yaml``) and from
+DVC (models and reports, through ``dvc.api``: the local cache, else the remote). No Kedro
+here: ``birdbone bump`` and the git hook call it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from birdbone.core.io import atomic_dir, sha256_file
+from birdbone.core.masks import MaskSet
+from birdbone.errors import BirdboneError
+
+# the recipe's last pruned model, most processed first
+MASKED_MODELS = ("models/quantized", "models/healed", "models/decayed")
+SUMMARY = "data/08_reporting/summary.json"
+
+
+class DiffError(BirdboneError):
+    """A diff bundle cannot be made (not a git repository, an unknown revision)."""
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b.c": leaf}`` (lists are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def params_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every setting whose value differs: ``{key, before, after}`` (None: absent)."""
+    old, new = flatten(before or {}), flatten(after or {})
+    return [
+        {"key": key, "before": old.get(key), "after": new.get(key)}
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def metric_deltas(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Every number in a report, old and new and the change (None where one side lacks it)."""
+    old, new = flatten(before or {}), flatten(after or {})
+    rows = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        numeric = [isinstance(v, int | float) and not isinstance(v, bool) for v in (a, b)]
+        if not any(numeric) or a == b:
+            continue
+        change = b - a if all(numeric) else None  # type: ignore[operator]
+        rows.append({"key": key, "before": a, "after": b, "change": change})
+    return rows
+
+
+def mask_delta(before: MaskSet | None, after: MaskSet | None) -> dict[str, Any]:
+    """Per masked weight: kept before and after, weights removed (kept, now pruned) and
+    revived (pruned, now kept: regrown or restored); a weight whose shape changed
+    (structure removed) reports both shapes instead."""
+    layers = []
+    names = sorted(set(before or []) | set(after or []))
+    for name in names:
+        row: dict[str, Any] = {"name": name}
+        a = before[name] if before is not None and name in before else None
+        b = after[name] if after is not None and name in after else None
+        row["kept_before"] = None if a is None else int(a.sum())
+        row["kept_after"] = None if b is None else int(b.sum())
+        if a is not None and b is not None and a.shape == b.shape:
+            row["removed"] = int((a & ~b).sum())
+            row["revived"] = int((~a & b).sum())
+        else:
+            row["shape_before"] = None if a is None else list(a.shape)
+            row["shape_after"] = None if b is None else list(b.shape)
+            row["removed"] = row["revived"] = None
+        if row["kept_before"] != row["kept_after"] or row.get("removed") or row.get("revived") or "shape_after" in row:
+            layers.append(row)
+    total = {key: sum(r[key] for r in layers if r.get(key) is not None) for key in ("removed", "revived")}
+    return {"changed_layers": len(layers), **total, "layers": layers}
+
+
+# --------------------------------------------------------------------------- reading revisions
+
+
+def git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if done.returncode:
+        raise DiffError(f"git {' '.join(args)} failed in {root}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def resolve(root: Path, rev: str) -> str:
+    try:
+        return git(root, "rev-parse", "--verify", f"{rev}^{{commit}}").strip()
+    except DiffError as exc:
+        raise DiffError(f"'{rev}' is not a commit of the git repository at {root}. Fix: a commit or tag.") from exc
+
+
+def parent_of(root: Path, sha: str) -> str | None:
+    parents = git(root, "rev-list", "--parents", "-n", "1", sha).split()[1:]
+    return parents[0] if parents else None
+
+
+def read_bytes(root: Path, path: str, rev: str | None) -> bytes | None:
+    """A file's bytes at ``rev`` (None: the workspace): from git when git tracks it, else
+    from DVC (cache or remote); None when the revision has no such file."""
+    if rev is None:
+        full = root / path
+        return full.read_bytes() if full.is_file() else None
+    done = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
+    if done.returncode == 0:
+        return done.stdout
+    try:
+        import dvc.api
+
+        with dvc.api.open(path, repo=str(root), rev=rev, mode="rb") as handle:
+            return handle.read()
+    except Exception:  # noqa: BLE001  (absent at that revision, or never pushed: reported as missing)
+        return None
+
+
+def masks_at(root: Path, rev: str | None) -> tuple[str | None, MaskSet | None]:
+    """The recipe's last pruned model at ``rev`` and its masks (None, None: no masks)."""
+    for model in MASKED_MODELS:
+        data = read_bytes(root, f"{model}/masks.safetensors", rev)
+        if data is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "masks.safetensors"
+                path.write_bytes(data)
+                return model, MaskSet.load(path)
+    return None, None
+
+
+def yaml_at(root: Path, path: str, rev: str | None) -> dict[str, Any] | None:
+    data = read_bytes(root, path, rev)
+    return None if data is None else yaml.safe_load(data)
+
+
+def json_at(root: Path, path: str, rev: str | None) -> dict[str, Any] | None:
+    data = read_bytes(root, path, rev)
+    return None if data is None else json.loads(data)
+
+
+def weight_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every weight, mask and quantization file under ``models/``."""
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted((root / "models").rglob("*.safetensors"))
+        if not any(part.startswith(".tmp-") for part in p.parts)
+    }
+
+
+def write_bundle(root: Path, rev: str = "HEAD", out: Path | None = None) -> Path:
+    """Writes ``diffs/<sha>/`` for commit ``rev`` against its parent (atomically) and
+    returns its path. The commit's own files are read from the workspace when ``rev`` is
+    what is checked out (models are in the workspace then), else from git and DVC."""
+    root = root.resolve()
+    sha = resolve(root, rev)
+    parent = parent_of(root, sha)
+    head = resolve(root, "HEAD")
+    at = None if sha == head else sha
+    model, new_masks = masks_at(root, at)
+    _, old_masks = masks_at(root, parent) if parent else (None, None)
+    bundle = {
+        "commit": sha,
+        "parent": parent,
+        "message": git(root, "log", "-1", "--format=%s", sha).strip(),
+        "params": params_delta(
+            yaml_at(root, "params.yaml", parent) if parent else None, yaml_at(root, "params.yaml", at)
+        ),
+        "files": [f for f in git(root, "diff", "--name-only", parent or _EMPTY_TREE, sha).split() if f],
+        "masks": {"model": model, **mask_delta(old_masks, new_masks)},
+        "metrics": metric_deltas(json_at(root, SUMMARY, parent) if parent else None, json_at(root, SUMMARY, at)),
+        "weights_sha256": weight_hashes(root) if at is None else None,
+    }
+    target = (out or root / "diffs") / sha
+    with atomic_dir(target) as tmp:
+        (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2, sort_keys=True) + "\n")
+        (tmp / "params.diff").write_text(
+            git(root, "diff", parent or _EMPTY_TREE, sha, "--", "params.yaml", "conf") if parent else ""
+        )
+        (tmp / "README.md").write_text(_summary_text(bundle))
+    return target
+
+
+_EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's empty tree
+
+
+def _summary_text(bundle: dict[str, Any]) -> str:
+    lines = [f"# {bundle['commit'][:12]}: {bundle['message']}", "", f"Parent: {bundle['parent'] or '(none)'}", ""]
+    lines.append("## Settings changed")
+    lines += [f"- `{p['key']}`: {p['before']!r} -> {p['after']!r}" for p in bundle["params"]] or ["- none"]
+    masks = bundle["masks"]
+    lines += ["", f"## Masks ({masks['model'] or 'no masked model'})"]
+    lines.append(
+        f"{masks['changed_layers']} layers changed: {masks['removed']} weights removed, {masks['revived']} revived"
+    )
+    lines += ["", "## Metrics"]
+    lines += [f"- `{m['key']}`: {m['before']} -> {m['after']}" for m in bundle["metrics"]] or ["- none changed"]
+    return "\n".join(lines) + "\n"
