@@ -21,6 +21,10 @@ hooks=$(git rev-parse --git-path hooks 2>/dev/null || true)
 if [ -n "$hooks" ] && [ ! -e "$hooks/post-commit" ]; then
   mkdir -p "$hooks" && cp scripts/hooks/post-commit "$hooks/post-commit"
 fi
+# pre-commit's checks (.pre-commit-config.yaml: ruff, mdformat, nbstripout, weight hashes)
+if [ -n "$hooks" ] && [ ! -e "$hooks/pre-commit" ]; then
+  .venv/bin/pre-commit install >/dev/null || true
+fi
 if [ "${CI:-}" = "true" ] || [ "${1:-}" = "--no-run" ]; then
   echo "bird-bone installed in .venv (main job skipped)"
   exit 0

@@ -5,6 +5,7 @@ of a project for its own CLI plugins).
 
     birdbone params [--env local] [--out params.yaml]
     birdbone bump [--rev HEAD] [--tag] [--push]
+    birdbone check-weights                  # the pre-commit hook: weights match their recorded hashes
 
     birdbone pack models/quantized models/quantized.pack [--strategy auto] [--overwrite]
     birdbone unpack models/quantized.pack models/restored [--overwrite]
@@ -157,6 +158,15 @@ def bump(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_weights(args: argparse.Namespace) -> int:
+    from birdbone.core.diffs import weight_problems
+
+    problems = weight_problems(Path.cwd())
+    for problem in problems:
+        print(f"birdbone check-weights: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def pack(args: argparse.Namespace) -> int:
     """Packs ``args.source`` into ``args.target``; prints the statistics."""
     from birdbone.core.export.pack import compress_model
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--out", type=Path, help="where bundles go (default diffs/)")
     cmd.add_argument("--tag", action="store_true", help="tag the commit model-v<N>, N one more than the last")
     cmd.add_argument("--push", action="store_true", help="dvc push to the default remote")
+    sub.add_parser("check-weights", help="refuse weights that differ from birdbone.json's hashes or dvc.lock")
     cmd = sub.add_parser("pack", help="store a model directory compactly, lossless (per-tensor strategies)")
     cmd.add_argument("source", type=Path, help="a model directory (or one .safetensors file)")
     cmd.add_argument("target", type=Path, help="the pack file to write")
@@ -226,7 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from birdbone.errors import BirdboneError
 
-    commands = {"heal": heal, "params": params, "bump": bump, "pack": pack, "unpack": unpack}
+    commands = {
+        "heal": heal,
+        "params": params,
+        "bump": bump,
+        "check-weights": check_weights,
+        "pack": pack,
+        "unpack": unpack,
+    }
     try:
         return commands[args.command](args)
     except BirdboneError as exc:

@@ -209,3 +209,35 @@ def _summary_text(bundle: dict[str, Any]) -> str:
     lines += ["", "## Metrics"]
     lines += [f"- `{m['key']}`: {m['before']} -> {m['after']}" for m in bundle["metrics"]] or ["- none changed"]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the weight-hash hook
+
+
+def weight_problems(root: Path) -> list[str]:
+    """What the pre-commit weight-hash hook refuses: a weight file under ``models/`` whose
+    bytes differ from the SHA-256 its ``birdbone.json`` records (changed by hand after the
+    stage wrote it), or a DVC-tracked model whose files differ from ``dvc.lock`` (changed
+    without ``dvc commit`` / ``dvc repro``). Each problem names the file and the fix."""
+    problems = []
+    for sidecar in sorted((root / "models").rglob("birdbone.json")):
+        recorded = json.loads(sidecar.read_text()).get("sha256", {})
+        for name, digest in recorded.items():
+            path = sidecar.parent / name
+            if path.is_file() and sha256_file(path) != digest:
+                problems.append(
+                    f"{path.relative_to(root)} differs from the SHA-256 in {sidecar.relative_to(root)}: it was "
+                    "changed after the stage wrote it. Fix: rerun the stage (dvc repro), or dvc checkout to restore it."
+                )
+    if (root / "dvc.lock").is_file() and (root / ".dvc").is_dir():
+        done = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
+        status = json.loads(done.stdout or "{}") if done.returncode == 0 else {}
+        for stage, changes in status.items():
+            for change in changes if isinstance(changes, list) else []:
+                for path, state in (change.get("changed outs") or {}).items() if isinstance(change, dict) else []:
+                    if str(path).startswith("models") and state == "modified":
+                        problems.append(
+                            f"{path} (stage {stage}) differs from what dvc.lock records. Fix: dvc commit {stage} "
+                            "(or dvc repro) and git add dvc.lock, or dvc checkout to restore it."
+                        )
+    return problems
