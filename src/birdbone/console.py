@@ -6,6 +6,7 @@ of a project for its own CLI plugins).
     birdbone params [--env local] [--out params.yaml]
     birdbone bump [--rev HEAD] [--tag] [--push]
     birdbone check-weights                  # the pre-commit hook: weights match their recorded hashes
+    birdbone report                         # the last run: a row per stage, report.md and report.png
 
     birdbone pack models/quantized models/quantized.pack [--strategy auto] [--overwrite]
     birdbone unpack models/quantized.pack models/restored [--overwrite]
@@ -167,6 +168,15 @@ def check_weights(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def report(args: argparse.Namespace) -> int:
+    from birdbone.core.report import write_report
+
+    text, md, png = write_report(Path.cwd())
+    print(text)
+    print(f"wrote {md} and {png}")
+    return 0
+
+
 def pack(args: argparse.Namespace) -> int:
     """Packs ``args.source`` into ``args.target``; prints the statistics."""
     from birdbone.core.export.pack import compress_model
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--tag", action="store_true", help="tag the commit model-v<N>, N one more than the last")
     cmd.add_argument("--push", action="store_true", help="dvc push to the default remote")
     sub.add_parser("check-weights", help="refuse weights that differ from birdbone.json's hashes or dvc.lock")
+    sub.add_parser("report", help="the last run: baseline vs each wave vs final, as a table and a plot")
     cmd = sub.add_parser("pack", help="store a model directory compactly, lossless (per-tensor strategies)")
     cmd.add_argument("source", type=Path, help="a model directory (or one .safetensors file)")
     cmd.add_argument("target", type=Path, help="the pack file to write")
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": params,
         "bump": bump,
         "check-weights": check_weights,
+        "report": report,
         "pack": pack,
         "unpack": unpack,
     }

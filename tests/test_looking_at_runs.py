@@ -1,5 +1,6 @@
-"""``notebooks/healing.ipynb`` runs on the MLflow store of two real runs (executed with
-nbclient, so it cannot rot) and is committed without outputs."""
+"""Looking at runs: ``notebooks/healing.ipynb`` runs on the MLflow store of two real runs
+(executed with nbclient, so it cannot rot) and is committed without outputs; ``birdbone
+report`` tabulates the last run stage by stage."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from birdbone.console import main
 from tests.conftest import ROOT
 from tests.test_pipeline import run
 
@@ -21,7 +23,9 @@ def test_the_notebook_is_committed_without_outputs() -> None:
     assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
 
 
-def test_the_notebook_draws_the_last_and_an_earlier_run(project: Path, monkeypatch) -> None:
+def test_the_notebook_draws_the_last_and_an_earlier_run_and_report_tabulates_the_last(
+    project: Path, monkeypatch, capsys
+) -> None:
     run(project)
     run(project, heal={"final": {"steps": 2}})
     monkeypatch.setenv("BIRDBONE_EARLIER_RUN", "2")
@@ -37,3 +41,13 @@ def test_the_notebook_draws_the_last_and_an_earlier_run(project: Path, monkeypat
     assert drawn == 2 * 5  # each run: 4 waves healed and the final heal
     images = [o for o in outputs if o["output_type"] == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) == 2  # decay waves, healing curves
+
+    assert main(["report"]) == 0
+    printed = capsys.readouterr().out
+    stages = [line.split(" | ")[0].removeprefix("| ") for line in printed.splitlines() if line.startswith("| ")][2:]
+    assert stages[0] == "baseline" and stages[-1] == "export (llama.cpp)"
+    assert {"decayed", "healed", "quantized (gptq, 4.50 bits)"} <= set(stages)
+    assert any(s.startswith("wave 1 (") for s in stages)
+    reports = project / "data/08_reporting"
+    assert (reports / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| baseline |" in (reports / "report.md").read_text()

@@ -1,0 +1,172 @@
+"""The run at a glance: baseline, every decay wave, the final model of each later stage and
+the exported file, one row each (perplexity, KL, sparsity, parameters, bytes, speed), from
+the reports a run leaves in ``data/08_reporting``. ``birdbone report`` prints it and writes
+``report.md`` and ``report.png`` beside them. No Kedro here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from birdbone.errors import BirdboneError
+
+REPORTS = Path("data/08_reporting")
+
+
+class ReportError(BirdboneError):
+    """There is no run to report on."""
+
+
+def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per stage of the run ``summary`` (``summary.json``) describes."""
+    base = summary.get("baseline") or {}
+    out = [
+        {
+            "stage": "baseline",
+            "ppl_val": base.get("ppl_val"),
+            "ppl_test": base.get("ppl_test"),
+            "kl": 0.0,
+            "sparsity": 0.0,
+            "params": base.get("params"),
+            "bytes": base.get("bytes"),
+            "decode_tok_s": base.get("tokens_per_s"),
+            "runtime": "torch",
+        }
+    ]
+    for wave in summary.get("waves") or []:
+        if wave.get("index", 0) == 0 or wave.get("decision") == "skipped":
+            continue
+        out.append(
+            {
+                "stage": f"wave {wave['index']} ({wave.get('decision', '?')})",
+                "ppl_val": wave.get("ppl"),
+                "kl": wave.get("kl"),
+                "sparsity": wave.get("sparsity"),
+            }
+        )
+    final = summary.get("final")
+    if final:
+        out.append(
+            {
+                "stage": "decayed",
+                "ppl_test": final.get("ppl_test"),
+                "sparsity": final.get("sparsity"),
+                "params": final.get("params"),
+                "bytes": final.get("bytes"),
+            }
+        )
+    heal = (summary.get("heal") or {}).get("final")
+    if heal:
+        out.append({"stage": "healed", "ppl_val": heal.get("ppl_val"), "ppl_test": heal.get("ppl_test")})
+    quant = summary.get("quantize")
+    if quant:
+        out.append(
+            {
+                "stage": f"quantized ({quant.get('method')}, {quant.get('avg_bits', 0):.2f} bits)",
+                "ppl_val": quant.get("ppl_val"),
+                "ppl_test": quant.get("ppl_test"),
+            }
+        )
+    gguf = next((e for e in summary.get("exports") or [] if e.get("format") == "gguf"), None)
+    if gguf:
+        speed = summary.get("speed") or {}
+        verified = summary.get("exports_verified") or {}
+        out.append(
+            {
+                "stage": "export (llama.cpp)",
+                "ppl_test": verified.get("ppl_llama_cpp"),
+                "bytes": gguf.get("bytes"),
+                "decode_tok_s": speed.get("decode_tokens_per_s"),
+                "decode_x_dense": speed.get("decode_x_dense_f16"),
+                "runtime": "llama.cpp",
+            }
+        )
+    return out
+
+
+def _cell(value: Any, kind: str) -> str:
+    if value is None:
+        return ""
+    if kind == "ppl":
+        return f"{value:.3f}"
+    if kind == "share":
+        return f"{100 * value:.1f} %"
+    if kind == "kl":
+        return f"{value:.4f}"
+    if kind == "int":
+        return f"{int(value):,}"
+    if kind == "mb":
+        return f"{value / 1e6:.1f}"
+    if kind == "x":
+        return f"{value:.2f}x"
+    return f"{value:.1f}"
+
+
+COLUMNS = [
+    ("stage", "stage", "text"),
+    ("ppl_val", "val ppl", "ppl"),
+    ("ppl_test", "test ppl", "ppl"),
+    ("kl", "KL to dense", "kl"),
+    ("sparsity", "sparsity", "share"),
+    ("params", "params", "int"),
+    ("bytes", "MB", "mb"),
+    ("decode_tok_s", "decode tok/s", "float"),
+    ("runtime", "in", "text"),
+    ("decode_x_dense", "x dense F16", "x"),
+]
+
+
+def table(report_rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    for row in report_rows:
+        cells = [str(row.get(key) or "") if kind == "text" else _cell(row.get(key), kind) for key, _, kind in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figure(report_rows: list[dict[str, Any]], title: str) -> Any:
+    """Perplexity by stage (validation and test) and sparsity by stage."""
+    import matplotlib.pyplot as plt
+
+    fig, (ppl_ax, sparsity_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = list(range(len(report_rows)))
+    labels = [r["stage"] for r in report_rows]
+    for key, marker in (("ppl_val", "o"), ("ppl_test", "s")):
+        points = [(i, r[key]) for i, r in zip(x, report_rows, strict=True) if r.get(key) is not None]
+        if points:
+            ppl_ax.plot(*zip(*points, strict=True), marker=marker, label=key.replace("ppl_", ""))
+    ppl_ax.set(title="perplexity by stage", ylabel="perplexity")
+    ppl_ax.legend()
+    points = [(i, 100 * r["sparsity"]) for i, r in zip(x, report_rows, strict=True) if r.get("sparsity") is not None]
+    if points:
+        sparsity_ax.plot(*zip(*points, strict=True), marker="o", color="tab:red")
+    sparsity_ax.set(title="sparsity by stage", ylabel="% of block weights removed")
+    for ax in (ppl_ax, sparsity_ax):
+        ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(root: Path) -> tuple[str, Path, Path]:
+    """Reads ``data/08_reporting/summary.json`` under ``root``, writes ``report.md`` and
+    ``report.png`` beside it (atomically) and returns the table and both paths."""
+    from birdbone.core.io import write_bytes_atomic
+    from birdbone.core.plots import png_bytes
+
+    path = root / REPORTS / "summary.json"
+    if not path.is_file():
+        raise ReportError(f"no run to report on: {path} does not exist. Fix: kedro run (or dvc repro) first.")
+    summary = json.loads(path.read_text())
+    report_rows = rows(summary)
+    name = (summary.get("model") or {}).get("name", "model")
+    text = table(report_rows)
+    md, png = root / REPORTS / "report.md", root / REPORTS / "report.png"
+    write_bytes_atomic(
+        md, f"# bird-bone run: {name}\n\nRecipe {summary.get('recipe_hash', '?')[:12]}\n\n{text}\n".encode()
+    )
+    write_bytes_atomic(png, png_bytes(figure(report_rows, f"bird-bone run: {name}")))
+    return text, md, png
