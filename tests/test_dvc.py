@@ -100,6 +100,9 @@ def test_repro_reruns_what_changed_and_checkout_restores_every_model_bit_for_bit
     assert any(m["key"] == "quantize.ppl_test" for m in bundle["metrics"])
     assert bundle["weights_sha256"] == after
     assert "`decay.pattern.sparsity`: 0.5 -> 0.4" in (repo / "diffs" / sha / "README.md").read_text()
+    bumped = _sh(repo, "birdbone", "bump")  # by hand: the bundle again, a version tag, the models pushed
+    assert f"tagged {sha[:12]} as model-v1" in bumped and "pushed the DVC outputs" in bumped
+    assert _sh(repo, "git", "tag", "--list", "model-v*").split() == ["model-v1"]
     metrics = _sh(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
     assert "data/08_reporting/decay.json" in metrics
     _sh(repo, "dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", str(repo.parent / "plots"))

@@ -4,7 +4,7 @@ of a project for its own CLI plugins).
     birdbone heal models/decayed --out models/healed-more [--env base] [--steps N] [--lr X]
 
     birdbone params [--env local] [--out params.yaml]
-    birdbone bump [--rev HEAD] [--tag] [--push]
+    birdbone bump [--rev HEAD] [--no-tag] [--no-push]
     birdbone check-weights                  # the pre-commit hook: weights match their recorded hashes
     birdbone report                         # the last run: a row per stage, report.md and report.png
 
@@ -23,9 +23,10 @@ reruns only the stages downstream of it.
 
 ``bump`` writes the diff bundle of a commit, ``diffs/<sha>/`` (``core.diffs``: the settings
 changed against the parent, the mask delta per layer, the metric deltas, the weights'
-SHA-256), optionally tags it ``model-v<N>`` and pushes the DVC outputs to the default
-remote. The git hook ``scripts/hooks/post-commit`` (installed by the set-up) runs it for
-every commit that changes ``dvc.lock``, ``params.yaml`` or ``conf/``.
+SHA-256), tags it ``model-v<N>`` and pushes the DVC outputs to the default remote (the
+local directory ``.dvc-remote`` unless configured otherwise). The git hook
+``scripts/hooks/post-commit`` (installed by the set-up) runs it, without the tag, for every
+commit that changes ``dvc.lock``, ``params.yaml`` or ``conf/``.
 
 ``heal`` heals a model directory (its ``masks.safetensors`` kept) with the recipe's
 ``heal`` settings on the run's healing blocks. It runs unchanged under ``accelerate
@@ -228,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
     cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
     cmd.add_argument("--out", type=Path, default=Path("params.yaml"))
-    cmd = sub.add_parser("bump", help="write diffs/<sha>/ for a commit; --tag model-v<N>; --push to the DVC remote")
+    cmd = sub.add_parser("bump", help="write diffs/<sha>/ for a commit, tag it model-v<N>, push to the DVC remote")
     cmd.add_argument("--rev", default="HEAD", help="the commit (default HEAD)")
     cmd.add_argument("--out", type=Path, help="where bundles go (default diffs/)")
-    cmd.add_argument("--tag", action="store_true", help="tag the commit model-v<N>, N one more than the last")
-    cmd.add_argument("--push", action="store_true", help="dvc push to the default remote")
+    cmd.add_argument(
+        "--tag", action=argparse.BooleanOptionalAction, default=True, help="tag the commit model-v<N> (N: the last + 1)"
+    )
+    cmd.add_argument(
+        "--push", action=argparse.BooleanOptionalAction, default=True, help="dvc push to the default remote"
+    )
     sub.add_parser("check-weights", help="refuse weights that differ from birdbone.json's hashes or dvc.lock")
     sub.add_parser("report", help="the last run: baseline vs each wave vs final, as a table and a plot")
     cmd = sub.add_parser("pack", help="store a model directory compactly, lossless (per-tensor strategies)")
