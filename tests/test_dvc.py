@@ -117,3 +117,7 @@ def test_repro_reruns_what_changed_and_checkout_restores_every_model_bit_for_bit
     shutil.rmtree(repo / "models/healed")
     _sh(repo, "dvc", "pull", "-q")
     assert _weights(repo) == before
+    # a setting the decay does not read (the head's bits) reruns quantize and export alone
+    quantize = repo / "conf/test/parameters_quantize.yml"
+    quantize.write_text(quantize.read_text().replace("method: gptq, bits: 4", "method: gptq, bits: 8"))
+    assert _ran(_sh(repo, "dvc", "repro")) == {"params", "quantize", "export"}
