@@ -121,3 +121,22 @@ def test_repro_reruns_what_changed_and_checkout_restores_every_model_bit_for_bit
     quantize = repo / "conf/test/parameters_quantize.yml"
     quantize.write_text(quantize.read_text().replace("method: gptq, bits: 4", "method: gptq, bits: 8"))
     assert _ran(_sh(repo, "dvc", "repro")) == {"params", "quantize", "export"}
+
+
+def test_the_committed_params_yaml_is_the_default_recipe(tmp_path: Path) -> None:
+    """``params.yaml`` in the repository is what ``birdbone params`` makes of conf/ now
+    (conf/local empty, as in a fresh clone), so ``dvc repro`` starts from the truth."""
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf, ignore=shutil.ignore_patterns("local"))
+    (conf / "local").mkdir()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(
+        ["birdbone", "params", "--conf", str(conf), "--out", str(tmp_path / "params.yaml")],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text(), (
+        "params.yaml is stale: run birdbone params --env local"
+    )
