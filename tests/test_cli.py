@@ -58,3 +58,23 @@ def test_pack_and_unpack_round_trip_a_model_directory(tiny_bundle, tmp_path):
     assert subprocess.run([str(BIRDBONE), "unpack", str(tmp_path / "m.pack"), str(tmp_path / "back")]).returncode == 0
     before, after = load_file(tmp_path / "model/model.safetensors"), load_file(tmp_path / "back/model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_repository_commands_name_what_is_wrong_and_the_fix(tmp_path, monkeypatch, capsys):
+    from birdbone.console import main
+
+    monkeypatch.chdir(tmp_path)  # no git repository, no conf/, no run
+    assert main(["bump"]) == 2
+    assert "'HEAD' is not a commit of the git repository at" in capsys.readouterr().err
+    assert main(["report"]) == 2
+    err = capsys.readouterr().err
+    assert "no run to report on" in err and "Fix: kedro run (or dvc repro) first" in err
+    assert main(["params", "--env", "test"]) == 2
+    assert "no conf/base. Fix: run it in the project root, or pass --conf" in capsys.readouterr().err
+    (tmp_path / "conf/base").mkdir(parents=True)
+    assert main(["params", "--env", "prod"]) == 2
+    assert "no environment prod in conf (there: base)" in capsys.readouterr().err
+    subprocess.run(["git", "init", "-q"], check=True)
+    assert main(["bump", "--rev", "v9"]) == 2
+    assert "'v9' is not a commit" in capsys.readouterr().err
+    assert not (tmp_path / "diffs").exists() and not (tmp_path / "params.yaml").exists()
