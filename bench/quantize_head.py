@@ -1,7 +1,7 @@
 """The output head quantized three ways (``quantize.head``): as the model has it, Q4_0 by
 round-to-nearest, Q4_0 by GPTQ with the Hessian of the head's inputs.
 
-    .venv/bin/python bench/quantize_head.py --model models/quantized     # about 10 minutes on 2 cores
+    .venv/bin/python bench/quantize_head.py --model models/healed     # about 10 minutes on 2 cores
 
 The block Linears stay as the model has them (a quantized model's stay on their grid), so
 the rows differ by the head alone. Perplexity on the test split (32 x 512 tokens) and on
@@ -53,7 +53,7 @@ def figure_png(report: dict[str, Any]) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("models/quantized"))
+    parser.add_argument("--model", type=Path, default=Path("models/healed"))
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--other", type=int, default=16)
