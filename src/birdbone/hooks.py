@@ -13,6 +13,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from birdbone.config import Recipe, TrackingConfig, validate_recipe
+from birdbone.core.io import flatten
 from birdbone.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,20 +55,6 @@ class RecipeHook:
         overrides = getattr(context, "_runtime_params", None) or {}
         self.recipe = validate_recipe(context.params, root, _conf_dirs(context), overrides)
         log.info("recipe valid (hash %s)", self.recipe.hash()[:12])
-
-
-def flatten(prefix: str, value: Any, out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Nested dicts/lists -> ``{"a.b.0": leaf}``."""
-    out = {} if out is None else out
-    if isinstance(value, dict):
-        for key, item in value.items():
-            flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
-    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        for i, item in enumerate(value):
-            flatten(f"{prefix}.{i}", item, out)
-    else:
-        out[prefix] = value
-    return out
 
 
 class TrackingHook:
@@ -129,7 +116,7 @@ class TrackingHook:
         self._call("set the experiment", mlflow.set_experiment, self._config.experiment)
         name = run_params.get("pipeline_name") or "__default__"
         self._call("start a run", mlflow.start_run, run_name=f"{name} ({self._env})")
-        params = {k: str(v)[:6000] for k, v in flatten("", recipe.model_dump(mode="json")).items()}
+        params = {k: str(v)[:6000] for k, v in flatten(recipe.model_dump(mode="json")).items()}
         self._call("log the recipe", mlflow.log_params, params)
         tags = {"birdbone.pipeline": name, "birdbone.env": self._env, "birdbone.recipe_hash": recipe.hash()}
         self._call("tag the run", mlflow.set_tags, tags)
@@ -149,7 +136,7 @@ class TrackingHook:
                         self._call(f"log {metric}", log_metric, metric, float(point), step=int(point_step))
                 numbers = {
                     k: float(v)
-                    for k, v in flatten("", value).items()
+                    for k, v in flatten(value).items()
                     if isinstance(v, int | float) and not isinstance(v, bool)
                 }
                 log_metrics = self._mlflow.log_metrics if self._mlflow else None

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from birdbone.core.io import atomic_dir, sha256_file
+from birdbone.core.io import atomic_dir, flatten, sha256_file
 from birdbone.core.masks import MaskSet
 from birdbone.errors import BirdboneError
 
@@ -29,16 +29,6 @@ SUMMARY = "data/08_reporting/summary.json"
 
 class DiffError(BirdboneError):
     """A diff bundle cannot be made (not a git repository, an unknown revision)."""
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as ``{"a.b.c": leaf}`` (lists are leaves)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def params_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -187,9 +177,7 @@ def write_bundle(root: Path, rev: str = "HEAD", out: Path | None = None) -> Path
     target = (out or root / "diffs") / sha
     with atomic_dir(target) as tmp:
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2, sort_keys=True) + "\n")
-        (tmp / "params.diff").write_text(
-            git(root, "diff", parent or _EMPTY_TREE, sha, "--", "params.yaml", "conf") if parent else ""
-        )
+        (tmp / "params.diff").write_text(git(root, "diff", parent, sha, "--", "params.yaml", "conf") if parent else "")
         (tmp / "README.md").write_text(_summary_text(bundle))
     return target
 

@@ -120,3 +120,17 @@ def sha256_json(obj: Any) -> str:
     """Hex SHA-256 of the canonical (sorted, compact) JSON form of ``obj``."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def flatten(value: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Nested dicts (and lists of dicts) as ``{"a.b.0.c": leaf}``; other lists are leaves."""
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        for key, item in value.items():
+            flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, item in enumerate(value):
+            flatten(item, f"{prefix}.{i}", out)
+    elif prefix:
+        out[prefix] = value
+    return out

@@ -39,7 +39,7 @@ from torch import nn
 
 from birdbone.core.io import default_umask
 from birdbone.core.linalg import inverse_cholesky, invertible_hessian
-from birdbone.core.walk import calibration_walk
+from birdbone.core.walk import InputStats, calibration_walk
 from birdbone.errors import QuantizeError
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -341,8 +341,7 @@ class _Quantizer:
         self.needs_inputs = self.needs_gram or head is not None
         self.scales: dict[str, Scales] = {}
         self.head = head  # (the final norm, the last block's index): the head's inputs are collected
-        self.head_gram: torch.Tensor | None = None
-        self.head_tokens = 0
+        self.head_inputs: InputStats | None = None
 
     def process(self, index: int, block: Any, linears: dict[str, Any], stats: dict[str, Any]) -> None:
         for name, linear in linears.items():
@@ -370,14 +369,9 @@ class _Quantizer:
             return
         norm = self.head[0]
         for out in outputs:
-            x = norm(out.float()).float().reshape(-1, out.shape[-1])
-            gram = x.T @ x
-            self.head_gram = gram if self.head_gram is None else self.head_gram + gram
-            self.head_tokens += x.shape[0]
-
-    def head_hessian(self) -> torch.Tensor:
-        assert self.head_gram is not None
-        return 2 * self.head_gram / max(self.head_tokens, 1)
+            if self.head_inputs is None:
+                self.head_inputs = InputStats(out.shape[-1], want_gram=True)
+            self.head_inputs.add(norm(out.float()))
 
 
 def head_weights(bundle: Any) -> dict[str, nn.Parameter]:
@@ -471,7 +465,8 @@ def _quantize_head_(bundle: Any, grid: Grid, quantizer: _Quantizer | None, optio
     scales = {}
     for name, weight in weights.items():
         if quantizer is not None and name == head:
-            hessian = quantizer.head_hessian().to(weight.device)
+            assert quantizer.head_inputs is not None
+            hessian = quantizer.head_inputs.hessian().to(weight.device)
             scales[name] = gptq_(weight.data, hessian, grid, None, block_size, damp, act_order, name)
         else:
             scales[name] = rtn_(weight.data, grid)
