@@ -1,11 +1,6 @@
-"""The decay waves end to end on the tiny test model, and resuming a killed run."""
+"""The decay waves end to end on the tiny test model (killing and resuming: tests/reliability)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,9 +9,6 @@ from birdbone.core import modeling
 from birdbone.core.masks import MaskSet
 from birdbone.errors import ConfigError
 from tests.test_pipeline import mlflow_runs, run
-
-# A wider tiny model, so that each wave takes long enough to be killed in the middle of.
-SLOWER = "model.source.hidden=256,model.source.intermediate=1024,model.source.heads=8,model.source.kv_heads=4"
 
 
 def test_waves_write_models_masks_table_plot_and_mlflow_steps(project):
@@ -102,50 +94,3 @@ def test_structured_waves_end_in_a_compacted_model_that_computes_the_same(projec
 def test_a_wave_config_that_cannot_reach_its_target_is_named(project):
     with pytest.raises(ConfigError, match=r"decay = .*above the cap 20%\. Fix: at least 4 waves"):
         run(project, decay={"waves": 2})
-
-
-def _kedro(project: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "kedro", "run", "--env", "test", "--params", SLOWER, *extra]
-    return subprocess.Popen(
-        command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("models", "mlflow.db", "data"))
-    shutil.copytree(src / "data/01_raw", dst / "data/01_raw")
-    return dst
-
-
-def test_a_killed_run_resumes_to_the_same_masks_bit_for_bit(project, tmp_path_factory):
-    clean = _copy(project, tmp_path_factory.mktemp("clean") / "p")
-    first = _kedro(project)
-    waves_dir = project / "models/waves"
-    deadline = time.monotonic() + 300
-    while not list(waves_dir.glob(".tmp-wave_3.*")):  # kill -9 while wave 3 is being written
-        assert first.poll() is None, first.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    assert not (waves_dir / "wave_3").exists() or json.loads((waves_dir / "wave_3/wave.json").read_text())
-    finished = {p.name: (p / "wave.json").stat().st_mtime_ns for p in waves_dir.glob("wave_*")}
-
-    second = _kedro(project)
-    assert second.wait(timeout=600) == 0, second.stderr.read().decode()[-3000:]
-    for name, mtime in finished.items():  # finished waves were not redone
-        assert (waves_dir / name / "wave.json").stat().st_mtime_ns == mtime, name
-    assert not list(waves_dir.glob(".tmp-*"))
-
-    uninterrupted = _kedro(clean)
-    assert uninterrupted.wait(timeout=600) == 0, uninterrupted.stderr.read().decode()[-3000:]
-    for k in range(8):
-        resumed = MaskSet.load(waves_dir / f"wave_{k}/masks.safetensors")
-        assert resumed.equals(MaskSet.load(clean / f"models/waves/wave_{k}/masks.safetensors")), k
-    a = json.loads((waves_dir / "wave_7/wave.json").read_text())
-    b = json.loads((clean / "models/waves/wave_7/wave.json").read_text())
-    assert a["state_id"] == b["state_id"]
-    assert [r["ppl"] for r in a["rows"]] == [r["ppl"] for r in b["rows"]]

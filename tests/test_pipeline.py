@@ -11,7 +11,7 @@ import torch
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from birdbone.errors import ConfigError, TaskFileError
+from birdbone.errors import ConfigError, TextSourceError
 
 
 def run(project: Path, **extra_params):
@@ -155,13 +155,20 @@ def test_same_recipe_same_numbers(project):
 
 
 def test_failed_pipeline_marks_the_mlflow_run_failed(project):
-    bad = project / "data/01_raw/tasks/canaries.jsonl"
-    bad.write_text('{"prompt": "no expected key"}\n')
-    with pytest.raises(TaskFileError):
-        run(project)
+    (project / "empty.txt").write_text("\n")  # passes the recipe check (the file exists), fails the first node
+    with pytest.raises(TextSourceError):
+        run(project, data={"sources": [{"kind": "txt", "path": "empty.txt"}]})
     runs = mlflow_runs(project)
     assert list(runs["status"]) == ["FAILED"]
-    assert "TaskFileError" in runs["tags.birdbone.error"][0]
+    assert "TextSourceError" in runs["tags.birdbone.error"][0]
+
+
+def test_a_malformed_task_file_fails_the_recipe_check(project):
+    bad = project / "data/01_raw/tasks/canaries.jsonl"
+    bad.write_text('{"prompt": "no expected key"}\n')
+    with pytest.raises(ConfigError, match=r"canaries.jsonl:1 lacks \['expected'\]"):
+        run(project)
+    assert not (project / "data/03_primary").exists()
 
 
 def test_bad_config_fails_before_any_model_is_loaded(project):

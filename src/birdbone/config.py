@@ -61,7 +61,7 @@ ExistingDir = Annotated[Path, AfterValidator(lambda path, info: _must_exist(path
 
 
 class RunConfig(Stage):
-    """Seed, device and threads shared by every stage.
+    """Seed, device and threads shared by every stage, and how a rerun behaves.
 
     Example (``conf/base/parameters_run.yml``)::
 
@@ -69,11 +69,28 @@ class RunConfig(Stage):
           seed: 0
           device: cpu      # cpu | cuda | auto
           threads: null    # null: all cores
+          deterministic: false  # CUDA: deterministic kernels only (slower); CPU is always
+          resume: true     # kedro run skips what this recipe already wrote (false: redo all)
+
+    ``resume`` is not part of the recipe's hash: it changes what a run redoes, never what
+    it makes.
     """
 
     seed: NonNegativeInt = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: PositiveInt | None = None
+    deterministic: bool = False
+    resume: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _cuda_present(cls, device: str) -> str:
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("no CUDA device is available here. Fix: set run.device: cpu (or auto)")
+        return device
 
 
 # --------------------------------------------------------------------------- model
@@ -85,11 +102,29 @@ class DefaultModel(Stage):
     kind: Literal["default"]
 
 
+def _check_source_file(check: str, path: Path, info: ValidationInfo) -> None:
+    """Runs ``birdbone.core.modeling.<check>`` on a model file or directory (header and
+    architecture only, no weights), so a damaged model fails with the recipe's check."""
+    from birdbone.core import modeling
+    from birdbone.errors import BirdboneError
+
+    try:
+        getattr(modeling, check)(_resolve(path, info))
+    except BirdboneError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class HFDirModel(Stage):
     """A local Hugging Face model directory (config.json + weights + tokenizer)."""
 
     kind: Literal["hf_dir"]
     path: ExistingDir
+
+    @field_validator("path")
+    @classmethod
+    def _whole(cls, path: Path, info: ValidationInfo) -> Path:
+        _check_source_file("check_model_dir", path, info)
+        return path
 
 
 class GGUFModel(Stage):
@@ -104,6 +139,7 @@ class GGUFModel(Stage):
         _must_exist(path, info, directory=False)
         if path.suffix.lower() != ".gguf":
             raise ValueError(f"'{path}' does not end in .gguf; for a model directory use kind: hf_dir")
+        _check_source_file("check_gguf", path, info)
         return path
 
 
@@ -245,6 +281,17 @@ class TaskFile(Stage):
     path: ExistingFile
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _readable(self, info: ValidationInfo) -> TaskFile:
+        from birdbone.core.tasks import check_task_file
+        from birdbone.errors import TaskFileError
+
+        try:
+            check_task_file(self.kind, _resolve(self.path, info))
+        except TaskFileError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class SpeedConfig(Stage):
     """Decode and prefill timing on the current device."""
@@ -335,6 +382,23 @@ class NMPattern(Stage):
     kind: Literal["nm"]
     n: PositiveInt
     m: Annotated[int, Field(ge=2, le=64)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sparsity_follows(cls, data: Any) -> Any:
+        """An N:M pattern's sparsity is 1 - n/m; a ``sparsity`` key may only repeat it."""
+        if isinstance(data, dict) and "sparsity" in data:
+            data = dict(data)
+            given, n, m = data.pop("sparsity"), data.get("n"), data.get("m")
+            if isinstance(n, int) and isinstance(m, int) and m and not isinstance(given, bool):
+                implied = 1 - n / m
+                if not isinstance(given, int | float) or abs(given - implied) > 1e-9:
+                    raise ValueError(
+                        f"an N:M pattern {n}:{m} removes exactly {implied:.3g} of the weights, which contradicts "
+                        f"sparsity {given}. Fix: drop sparsity (N:M sets it), or pick n and m for it "
+                        f"(e.g. 2:4 for 0.5, 1:4 for 0.75), or use kind: unstructured with sparsity {given}"
+                    )
+        return data
 
     @model_validator(mode="after")
     def _n_below_m(self) -> NMPattern:
@@ -998,7 +1062,7 @@ class Recipe(Stage):
 
 def recipe_hash(recipe: Recipe) -> str:
     """Hex SHA-256 of the recipe's canonical JSON; what summary.json and sidecars record."""
-    return sha256_json(recipe.model_dump(mode="json"))
+    return sha256_json(recipe.model_dump(mode="json", exclude={"run": {"resume"}}))
 
 
 # --------------------------------------------------------------------------- errors

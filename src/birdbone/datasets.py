@@ -14,6 +14,7 @@ import torch
 from kedro.io import AbstractDataset, DatasetError
 from safetensors.torch import load_file, save_file
 
+from birdbone import runstate
 from birdbone.core import modeling, waves
 from birdbone.core.io import TMP_PREFIX, atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
 from birdbone.core.lowrank import ADAPTER_DIR, load_adapter, save_adapter
@@ -60,6 +61,12 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
         return bundle
 
     def save(self, data: modeling.ModelBundle) -> None:
+        modeling.check_finite(
+            data.model,
+            f"the model to be saved as {self._path}",
+            "nothing was written; this is a bug in the stage that made it (the decay gate reverts waves "
+            "that go non-finite): please report it with the run's log.",
+        )
         with atomic_dir(self._path) as tmp:
             modeling.save_model(data, tmp)
             if data.masks is not None:
@@ -69,9 +76,10 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
                 save_adapter(tmp / ADAPTER_DIR, data.quant.corrections)
             write_sidecar(tmp, data.origin)
         data.path = self._path
+        runstate.record(self._path)
 
     def _exists(self) -> bool:
-        return (self._path / SIDECAR).is_file()
+        return runstate.finished(self._path, (self._path / SIDECAR).is_file())
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
@@ -90,9 +98,10 @@ class TensorsDataset(AbstractDataset[dict[str, torch.Tensor], dict[str, torch.Te
     def save(self, data: dict[str, torch.Tensor]) -> None:
         with atomic_path(self._path) as tmp:
             save_file({k: v.contiguous() for k, v in data.items()}, tmp)
+        runstate.record(self._path)
 
     def _exists(self) -> bool:
-        return self._path.is_file()
+        return runstate.finished(self._path, self._path.is_file())
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
@@ -121,9 +130,10 @@ class JSONDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
             if old.get("recipe_hash") == data.get("recipe_hash"):
                 out = {**old, **data}
         write_json_atomic(self._path, out)
+        runstate.record(self._path, shared=self._merge)
 
     def _exists(self) -> bool:
-        return self._path.is_file()
+        return runstate.finished(self._path, self._path.is_file(), shared=self._merge)
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "merge": self._merge}
@@ -144,9 +154,10 @@ class FigureDataset(AbstractDataset[Any, bytes]):
         from birdbone.core.plots import png_bytes
 
         write_bytes_atomic(self._path, png_bytes(data, self._dpi, tight=True))
+        runstate.record(self._path)
 
     def _exists(self) -> bool:
-        return self._path.is_file()
+        return runstate.finished(self._path, self._path.is_file())
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
@@ -198,6 +209,7 @@ class WaveDataset(AbstractDataset[Any, WaveHandle | None]):
             info = waves.read_state_info(self._path)
             if info is None or info["state_id"] != data.state_id:
                 raise DatasetError(f"{self._path} does not hold wave state {data.state_id} to keep")
+            runstate.record(self._path)
             return
         model_from = data.current.get("model_from")
         for stale in self._path.parent.glob(f"{TMP_PREFIX}{self._path.name}.*"):  # left by a killed run
@@ -206,9 +218,10 @@ class WaveDataset(AbstractDataset[Any, WaveHandle | None]):
             waves.save_state(data, tmp, model_from)
             if model_from is None:
                 write_sidecar(tmp, {**data.bundle.origin, "wave": data.wave, "state_id": data.state_id})
+        runstate.record(self._path)
 
     def _exists(self) -> bool:
-        return waves.read_state_info(self._path) is not None
+        return runstate.finished(self._path, waves.read_state_info(self._path) is not None)
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "optional": self._optional}

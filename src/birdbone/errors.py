@@ -45,3 +45,15 @@ class QuantizeError(BirdboneError):
 
 class ExportError(BirdboneError):
     """A model that cannot be exported as asked (format, architecture, output path)."""
+
+
+class RunLockedError(BirdboneError):
+    """Another bird-bone run holds this project's lock."""
+
+
+class OutputError(BirdboneError):
+    """An artifact could not be written (a read-only folder, a full disk)."""
+
+
+class NonFiniteError(BirdboneError):
+    """A model holds NaN or inf weights where finite ones are required."""

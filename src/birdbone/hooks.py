@@ -1,4 +1,6 @@
-"""Project hooks: the recipe is validated before anything runs, and MLflow tracks each run.
+"""Project hooks: the recipe is validated before anything runs, one run at a time holds
+the project (``birdbone.runstate``: the lock and the resume journal), and MLflow tracks
+each run.
 
 Tracking lives here and only here: nodes return metrics (outputs named ``*_metrics``),
 this hook logs them. A tracking failure is reported once and never stops the compression.
@@ -6,15 +8,18 @@ this hook logs them. A tracking failure is reported once and never stops the com
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from birdbone import runstate
 from birdbone.config import Recipe, TrackingConfig, validate_recipe
 from birdbone.core.io import flatten
-from birdbone.errors import ConfigError
+from birdbone.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +46,12 @@ class RecipeHook:
     """Validates the whole recipe as soon as the context exists, before any node runs."""
 
     recipe: Recipe | None = None
+    root: Path | None = None
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         _ACTIVE["config_loader"] = context.config_loader  # before anything loads the pipelines
-        root = Path(context.project_path).resolve()
+        root = self.root = Path(context.project_path).resolve()
         if Path.cwd().resolve() != root:
             raise ConfigError(
                 f"bird-bone runs from the project root ({root}), but the working directory is {Path.cwd()}: "
@@ -55,6 +61,96 @@ class RecipeHook:
         overrides = getattr(context, "_runtime_params", None) or {}
         self.recipe = validate_recipe(context.params, root, _conf_dirs(context), overrides)
         log.info("recipe valid (hash %s)", self.recipe.hash()[:12])
+
+
+def _output_dirs(pipeline: Any, catalog: Any) -> list[Path]:
+    """The folders the pipeline's persisted outputs go into (each dataset's parent)."""
+    dirs = set()
+    for name in pipeline.outputs() | {o for n in pipeline.nodes for o in n.outputs}:
+        dataset = catalog.get(name, fallback_to_runtime_pattern=True) if name in catalog else None
+        path = getattr(dataset, "_path", None)
+        if path is not None:
+            dirs.add(Path(path).parent)
+    return sorted(dirs)
+
+
+def check_writable(directories: list[Path]) -> None:
+    """Creates each output folder and writes (then removes) a probe file in it, so a
+    read-only or full file system is named before any compute rather than after it."""
+    for directory in directories:
+        probe = directory / f".birdbone-probe-{os.getpid()}"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as handle:
+                handle.write(b"probe")
+        except OSError as exc:
+            raise OutputError(runstate.explain_write_error(exc, directory)) from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+
+class RunStateHook:
+    """Holds the project's run lock from the first node to the end of the run, sweeps the
+    temporary files a killed run left, and keeps the resume journal (``birdbone.runstate``).
+
+    Its ``before_pipeline_run`` goes first, so a refused run starts no MLflow run."""
+
+    def __init__(self, recipe_hook: RecipeHook) -> None:
+        self._recipe_hook = recipe_hook
+        self._lock: runstate.RunLock | None = None
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        recipe, root = self._recipe_hook.recipe, self._recipe_hook.root
+        if recipe is None or root is None:
+            return
+        lock = runstate.RunLock(root)
+        try:
+            lock.acquire(env=run_params.get("env"), pipelines=run_params.get("pipeline_names"))
+        except PermissionError as exc:
+            raise OutputError(runstate.explain_write_error(exc, lock.path.parent)) from None
+        self._lock = lock
+        try:
+            swept = runstate.sweep_temporaries(root)
+            if swept:
+                log.warning(
+                    "removed %d temporary file(s) an interrupted run left: %s",
+                    len(swept),
+                    ", ".join(str(p.relative_to(root)) for p in swept[:5]),
+                )
+            check_writable(_output_dirs(pipeline, catalog))
+            resume = bool(run_params.get("only_missing_outputs")) and recipe.run.resume
+            journal = runstate.Journal(root, recipe.hash(), resume)
+            runstate.activate(journal)
+            if resume:
+                log.info("resume on: steps this recipe already finished are skipped (run.resume: false redoes them)")
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        runstate.activate(None)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._release()
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._release()
+
+
+# MLflow's HTTP client retries 7 times over about four minutes by default; a run waits for
+# it at the first call. Users who want that set these variables themselves.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 class TrackingHook:
@@ -105,6 +201,8 @@ class TrackingHook:
         if recipe is None or not recipe.tracking.enabled:
             return
         self._config = recipe.tracking
+        for name, value in HTTP_DEFAULTS.items():  # a server that is down costs seconds, not minutes
+            os.environ.setdefault(name, value)
         try:
             import mlflow
         except ImportError:  # pragma: no cover - mlflow is a dependency
@@ -163,6 +261,9 @@ class TrackingHook:
 
     def _end(self, status: str) -> None:
         if self._mlflow is not None:
-            self._broken = False  # always try to close the run
-            self._call(f"end the run as {status}", self._mlflow.end_run, status=status)
+            if self._broken:  # already reported: close the run locally, quietly
+                with contextlib.suppress(Exception):
+                    self._mlflow.end_run(status=status)
+            else:
+                self._call(f"end the run as {status}", self._mlflow.end_run, status=status)
         self._mlflow = None

@@ -104,8 +104,10 @@ def test_hf_dir_source_loads_what_was_saved(tiny_bundle, tmp_path):
 def test_truncated_gguf_is_a_named_error(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(modeling.default_gguf_path().read_bytes()[:4096])
-    with pytest.raises(ModelSourceError, match="could not read GGUF file .*broken.gguf"):
-        modeling.load_model(GGUFModel(kind="gguf", path=broken))
+    with pytest.raises(ModelSourceError, match="broken.gguf is damaged or truncated"):  # the library call
+        modeling.load_model(GGUFModel.model_construct(kind="gguf", path=broken))
+    with pytest.raises(ValueError, match="broken.gguf is damaged or truncated"):  # the recipe check, before it
+        GGUFModel(kind="gguf", path=broken)
 
 
 @pytest.mark.slow

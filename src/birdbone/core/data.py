@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,32 @@ def _full(path: Path, root: Path) -> Path:
     return path if path.is_absolute() else root / path
 
 
+# control characters text does not hold (tab, newlines and form feed are allowed)
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
 def _read_utf8(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise TextSourceError(
             f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}). Fix: convert it to UTF-8, "
             "or remove it from data.sources if it is not text."
         ) from None
+    check_text(text, str(path))
+    return text
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuses binary data that happens to decode as UTF-8 (NUL bytes, or more than 1 % of
+    control characters): a model trained or measured on it would learn noise."""
+    controls = len(_CONTROL.findall(text))
+    if "\x00" in text or controls > 0.01 * max(len(text), 1):
+        raise TextSourceError(
+            f"{where} looks like binary data, not text ({controls} control characters in {len(text)}"
+            f"{', NUL bytes among them' if chr(0) in text else ''}). Fix: point data.sources at text files "
+            "(convert documents to plain text first)."
+        )
 
 
 @register_reader("pydoc_topics")
@@ -89,6 +108,7 @@ def _read_jsonl(source: Any, root: Path) -> list[str]:
             )
         if not isinstance(record[source.field], str):
             raise TextSourceError(f"{path}:{number}: field '{source.field}' is not a string.")
+        check_text(record[source.field], f"{path}:{number}")
         docs.append(record[source.field])
     return docs
 

@@ -95,7 +95,8 @@ def quality(
             logprob, index = (teacher[key][start:end].to(logits.device) for key in ("logprob", "index"))
             total_kl += float(topk_kl(logprob, index, logits).sum())
     mean = total_nll / total_tokens
-    result = {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    # a broken model's loss can pass exp's range, or be NaN: the gate reads inf / nan as non-finite
+    result = {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": total_tokens}
     if teacher is not None:
         result["kl"] = total_kl / total_tokens
     return result

@@ -9,12 +9,16 @@ undo every wave since the last accepted state: at once (``full``), or a share at
 over the next ``rollback_waves`` waves, the most important weights first (``gradual``);
 either way the model ends bit for bit at the accepted state and the decay stops. A kept
 wave that takes perplexity past the end-to-end ``budget`` (relative to dense) is undone
-and stops the decay too. ``GateState`` is plain data (saved as JSON with each wave), so a
+and stops the decay too, and so does a wave that
+went non-finite (NaN or inf in its weights, its healing loss, or its perplexity or KL),
+whatever the limits say: nothing later can be judged against a poisoned model.
+``GateState`` is plain data (saved as JSON with each wave), so a
 resumed run takes the same decisions.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,14 +56,30 @@ class Verdict:
     start_rollback: bool = False  # build the delta since the accepted state, restore it in parts
 
 
-def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any) -> Verdict:
+def _stop(state: GateState, wave: int, why: str, reason: str) -> Verdict:
+    """Undoes ``wave`` and every wave since the accepted state at once, and stops the decay."""
+    undo = sorted([*state.pending, wave], reverse=True)
+    state.phase, state.stop_reason, state.pending, state.strikes = STOPPED, why, [], 0
+    return Verdict(
+        "reverted", f"{reason}; back to the accepted state of wave {state.reference_wave}, decay stopped", undo_now=undo
+    )
+
+
+def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any, fault: str | None = None) -> Verdict:
     """Judges a decay wave and updates ``state`` in place.
 
     Args:
         config: a ``GateConfig`` (step_limit, strikes, budget, kl_limit, rollback, rollback_waves).
+        fault: what went non-finite in the wave (weights, healing), found by the caller.
     """
     if state.phase != DECAY:
         raise RuntimeError(f"wave {wave} judged while the gate is in phase {state.phase}")
+    if fault is None and not math.isfinite(ppl):
+        fault = f"validation perplexity is {ppl}"
+    if fault is None and kl is not None and not math.isfinite(kl):
+        fault = f"KL to the dense model is {kl}"
+    if fault is not None:
+        return _stop(state, wave, "non-finite", f"non-finite: {fault}")
     reference = state.reference_ppl
     against = f"the accepted {reference:.3f} (wave {state.reference_wave})"
     if config.reference == "accepted_or_dense" and state.dense_ppl > reference:
@@ -74,14 +94,8 @@ def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any
     if not problems:
         total = ppl / state.dense_ppl - 1.0
         if config.budget is not None and total > config.budget:
-            undo = sorted([*state.pending, wave], reverse=True)
-            state.phase, state.stop_reason, state.pending = STOPPED, "budget", []
-            return Verdict(
-                "reverted",
-                f"perplexity {ppl:.3f} is {total:+.1%} over dense, past the budget {config.budget:+.0%}; "
-                f"back to the accepted state of wave {state.reference_wave}, decay stopped",
-                undo_now=undo,
-            )
+            reason = f"perplexity {ppl:.3f} is {total:+.1%} over dense, past the budget {config.budget:+.0%}"
+            return _stop(state, wave, "budget", reason)
         state.reference_ppl, state.reference_kl, state.reference_wave = ppl, kl or 0.0, wave
         state.strikes, state.pending = 0, []
         return Verdict("kept", f"perplexity {ppl:.3f} ({rise:+.1%} against {against})")

@@ -9,16 +9,70 @@ at worst, a ``.tmp-*`` leftover that no reader ever opens.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from birdbone.errors import OutputError
+
 TMP_PREFIX = ".tmp-"
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+_OS_CODE = re.compile(r"(?:os error |code: )(\d+)")  # how Rust writers (safetensors) report errno
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write, also when a native writer reported it as text."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    found = _OS_CODE.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def explain_write_error(exc: BaseException, target: str | os.PathLike[str]) -> str:
+    """A message for a write that failed: what the file system said, and the fix."""
+    code = write_errno(exc)
+    if code in _NO_SPACE:
+        free = shutil.disk_usage(_existing_parent(Path(target))).free
+        return (
+            f"could not write {target}: no space left ({os.strerror(code)}; {free / 2**20:.0f} MiB free). "
+            "The artifact that was there before is untouched. Fix: free disk space (old runs' models/, "
+            "the DVC cache) or move the project to a larger disk, then rerun: finished steps are not redone."
+        )
+    if code in _NOT_WRITABLE:
+        return (
+            f"could not write {target}: the folder is not writable ({os.strerror(code)}). "
+            "Fix: make it writable (chmod u+w, or remount read-write), or run from a copy of the project "
+            "on a writable disk."
+        )
+    return f"could not write {target} ({type(exc).__name__}: {exc}). Fix: check the disk and the folder's permissions."
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def _write_errors(target: Path) -> Iterator[None]:
+    """Turns a file system refusal (read-only, full) into an ``OutputError`` naming the fix."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as exc:
+        if write_errno(exc) in _NO_SPACE | _NOT_WRITABLE:
+            raise OutputError(explain_write_error(exc, target)) from exc
+        raise
 
 
 def default_umask() -> int:
@@ -44,16 +98,18 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     On any exception the temporary file is removed and ``target`` is left untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
+    with _write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~default_umask())  # mkstemp makes 0600; artifacts get normal modes
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        with _write_errors(target):
+            yield tmp
+            os.chmod(tmp, 0o666 & ~default_umask())  # mkstemp makes 0600; artifacts get normal modes
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -67,16 +123,18 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     place, so a crash never leaves a half-written directory under the final name.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent))
+    with _write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent))
     old: Path | None = None
     try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~default_umask())
-        if target.exists():
-            old = target.with_name(f"{TMP_PREFIX}{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
+        with _write_errors(target):
+            yield tmp
+            os.chmod(tmp, 0o777 & ~default_umask())
+            if target.exists():
+                old = target.with_name(f"{TMP_PREFIX}{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+            os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
         if tmp.exists():

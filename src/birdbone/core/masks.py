@@ -308,7 +308,8 @@ class WaveDelta:
             if d.unit_rank is not None:
                 tensors[f"{name}::unit_rank"] = d.unit_rank
         with atomic_path(path) as tmp:
-            metadata = {"birdbone.delta": "1", "birdbone.units": str(self.units)}
+            # one metadata key: safetensors writes several in a random (hash map) order
+            metadata = {"birdbone.delta": json.dumps({"version": 1, "units": self.units})}
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
     @classmethod
@@ -316,7 +317,11 @@ class WaveDelta:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as handle:
-            units = int((handle.metadata() or {}).get("birdbone.units", "0"))
+            meta = handle.metadata() or {}
+        if "birdbone.units" in meta:  # written before the one-key form
+            units = int(meta["birdbone.units"])
+        else:
+            units = int(json.loads(meta.get("birdbone.delta", "{}") or "{}").get("units", 0))
         tensors = load_file(Path(path))
         names = sorted({key.split("::")[0] for key in tensors})
         params = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from torch import nn
 
 from birdbone.core import structure
 from birdbone.core.io import default_umask
-from birdbone.errors import ModelSourceError, UnsupportedArchitectureError
+from birdbone.errors import ModelSourceError, NonFiniteError, UnsupportedArchitectureError
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,42 @@ def _register(kind: str, tokenizer: Callable[[Any], Any]) -> Callable[[Loader], 
     return wrap
 
 
+def non_finite_params(model: nn.Module) -> dict[str, int]:
+    """Each parameter holding NaN or inf, with how many such values."""
+    out = {}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            bad = int((~torch.isfinite(param)).sum())
+            if bad:
+                out[name] = bad
+    return out
+
+
+def check_finite(model: nn.Module, what: str, fix: str) -> None:
+    """Raises ``NonFiniteError`` naming the parameters that hold NaN or inf."""
+    bad = non_finite_params(model)
+    if bad:
+        listed = ", ".join(f"{name} ({count})" for name, count in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteError(f"{what} holds NaN/inf weights: {listed}{more}. Fix: {fix}")
+
+
 def load_model(source: Any, dtype: str = "float32") -> ModelBundle:
-    """Loads the model a ``ModelSource`` config names, in ``dtype``, in eval mode."""
+    """Loads the model a ``ModelSource`` config names, in ``dtype``, in eval mode.
+
+    Raises:
+        NonFiniteError: the checkpoint holds NaN or inf weights.
+    """
     if source.kind not in _LOADERS:
         raise ModelSourceError(f"unknown model source kind '{source.kind}'; known: {', '.join(sorted(_LOADERS))}")
     bundle = _LOADERS[source.kind](source, DTYPES[dtype])
     bundle.model.eval()
+    check_finite(
+        bundle.model,
+        f"the model ({source.kind}{' ' + str(source.path) if getattr(source, 'path', None) else ''})",
+        "the checkpoint is damaged or was saved after a diverged training run; use an intact copy "
+        f"(a {dtype} overflow is also possible: try model.dtype: float32).",
+    )
     bundle.origin = {"source": source.model_dump(mode="json"), "dtype": dtype, **bundle.origin}
     return bundle
 
@@ -187,6 +218,7 @@ def _load_gguf_file(path: Path, dtype: torch.dtype) -> ModelBundle:
     model is rebuilt from its config and state dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_gguf(path)
     try:
         adapter = adapter_for(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
@@ -240,12 +272,92 @@ def _check_hf_dir(path: Path) -> None:
         )
 
 
+def check_safetensors(path: Path) -> None:
+    """Reads a safetensors file's header (not its tensors) and checks that the file holds
+    every byte the header promises: a truncated or garbled file fails here, in milliseconds."""
+    size = path.stat().st_size
+    fix = "Fix: copy or download the file again (compare its size with the original's)."
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > size - 8:
+            raise ModelSourceError(f"{path} is not a safetensors file, or is cut short ({size} bytes). {fix}")
+        try:
+            header = json.loads(handle.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ModelSourceError(f"{path} has a damaged safetensors header. {fix}") from None
+    if 8 + length + end > size:
+        raise ModelSourceError(
+            f"{path} is truncated: its header promises {8 + length + end} bytes, the file has {size}. {fix}"
+        )
+
+
+def check_gguf(path: Path) -> None:
+    """Checks a GGUF file's magic, that its tensor table fits the file, and that its
+    architecture is one bird-bone walks, without dequantizing anything."""
+    fix = "Fix: download or export the file again."
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelSourceError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). {fix}")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as exc:  # noqa: BLE001 - the reader raises many kinds on a damaged file
+        raise ModelSourceError(
+            f"{path} is damaged or truncated ({type(exc).__name__}: {str(exc)[:160]}). {fix}"
+        ) from None
+    if arch not in ADAPTERS:
+        raise UnsupportedArchitectureError(
+            f"{path} holds a '{arch}' model; bird-bone walks the decoder blocks of: {', '.join(sorted(ADAPTERS))}. "
+            "Fix: use a model of one of these families."
+        )
+
+
+def check_model_dir(path: str | os.PathLike[str]) -> None:
+    """The cheap checks of a model directory, before any weights are read: config.json,
+    a supported architecture, weight files, and safetensors that are whole."""
+    path = Path(path)
+    _check_hf_dir(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as exc:
+        raise ModelSourceError(f"{path}/config.json is not valid JSON ({exc}). Fix: restore the file.") from None
+    adapter_for(type("Config", (), {"model_type": config.get("model_type")})())
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors(file)
+    top = _tokenizer_top_id(path / "tokenizer.json")
+    rows = config.get("vocab_size")
+    if top is not None and isinstance(rows, int) and top >= rows:
+        raise ModelSourceError(
+            f"{path}: the tokenizer (tokenizer.json) has token ids up to {top}, but the model has "
+            f"{rows} embedding rows (config.json vocab_size): they do not belong together. Fix: put the "
+            "tokenizer files saved with this model's checkpoint in the directory."
+        )
+
+
+def _tokenizer_top_id(path: Path) -> int | None:
+    """The largest token id a ``tokenizer.json`` defines (read as JSON, no tokenizer built)."""
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    vocab = (spec.get("model") or {}).get("vocab")
+    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab or [])))
+    ids += [t.get("id", -1) for t in spec.get("added_tokens") or [] if isinstance(t, dict)]
+    return max((i for i in ids if isinstance(i, int)), default=None)
+
+
 def load_model_dir(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> ModelBundle:
     """Loads a model directory written by ``save_model`` or ``save_pretrained``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    _check_hf_dir(path)
+    check_model_dir(path)
     config = AutoConfig.from_pretrained(path)
     adapter = adapter_for(config)
     if getattr(config, structure.LAYER_SHAPES, None):
@@ -415,8 +527,15 @@ def save_model(bundle: ModelBundle, directory: str | os.PathLike[str]) -> None:
 
 
 def check_vocabulary(bundle: ModelBundle, max_token_id: int) -> None:
-    """Raises if the text was tokenized with ids the model's embedding does not have."""
+    """Raises if the tokenizer has more tokens than the model's embedding has rows, or the
+    text was tokenized with ids the embedding does not have."""
     rows = bundle.adapter.embeddings(bundle.model).num_embeddings
+    if len(bundle.tokenizer) > rows:
+        raise ModelSourceError(
+            f"the tokenizer has {len(bundle.tokenizer)} tokens, but the model's embedding has {rows} rows: "
+            "they do not belong together. Fix: use the tokenizer saved with the model (tokenizer*.json "
+            "from the same checkpoint)."
+        )
     if max_token_id >= rows:
         raise ModelSourceError(
             f"the token blocks hold id {max_token_id}, but the model's embedding has {rows} rows: "
@@ -436,10 +555,20 @@ def resolve_device(device: str) -> torch.device:
 
 
 def prepare_runtime(run: Any) -> torch.device:
-    """Applies a ``RunConfig``: threads, seeds; returns the device to compute on."""
+    """Applies a ``RunConfig``: threads, seeds, deterministic kernels; returns the device
+    to compute on.
+
+    On CPU the same seed and thread count give bitwise-identical results without further
+    settings. On CUDA, ``run.deterministic`` makes torch refuse nondeterministic kernels
+    (scatter/index_add atomics) and pins cuBLAS to a fixed workspace, at some cost in speed.
+    """
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)
+    if getattr(run, "deterministic", False):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     return resolve_device(run.device)
 
 

@@ -578,11 +578,12 @@ class QuantTable:
         tensors = {}
         for name, (d, m) in self.scales.items():
             tensors[f"{name}.d"], tensors[f"{name}.m"] = d.contiguous().cpu(), m.contiguous().cpu()
-        meta = {
-            "grids": json.dumps({n: None if g is None else grid_list(g) for n, g in self.grids.items()}),
-            "source": json.dumps(None if self.source is None else grid_list(self.source)),
+        table = {
+            "grids": {n: None if g is None else grid_list(g) for n, g in self.grids.items()},
+            "source": None if self.source is None else grid_list(self.source),
         }
-        save_file(tensors, str(path), metadata=meta)
+        # one metadata key: safetensors writes several in a random (hash map) order
+        save_file(tensors, str(path), metadata={"birdbone.quant": json.dumps(table)})
         os.chmod(path, 0o666 & ~default_umask())  # safetensors creates 0600 files
 
     @classmethod
@@ -592,7 +593,11 @@ class QuantTable:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         tensors = load_file(str(path))
-        grids = {n: None if g is None else Grid(*g) for n, g in json.loads(meta["grids"]).items()}
-        source = json.loads(meta["source"])
+        if "birdbone.quant" in meta:
+            table = json.loads(meta["birdbone.quant"])
+        else:  # written before the one-key form
+            table = {"grids": json.loads(meta["grids"]), "source": json.loads(meta["source"])}
+        grids = {n: None if g is None else Grid(*g) for n, g in table["grids"].items()}
+        source = table["source"]
         scales = {n: (tensors[f"{n}.d"], tensors[f"{n}.m"]) for n in grids if f"{n}.d" in tensors}
         return cls(grids, scales, None if source is None else Grid(*source))

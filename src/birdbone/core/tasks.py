@@ -33,10 +33,14 @@ def read_task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise TaskFileError(f"{path}:{number} is not valid JSON ({exc.msg}).") from None
+            raise TaskFileError(
+                f"{path}:{number} is not valid JSON ({exc.msg}). Fix: one JSON object per line."
+            ) from None
         missing = [k for k in required if not isinstance(item, dict) or k not in item]
         if missing:
-            raise TaskFileError(f"{path}:{number} lacks {missing}; each line needs {list(required)}.")
+            raise TaskFileError(
+                f"{path}:{number} lacks {missing}; each line needs {list(required)}. Fix: add them to that line."
+            )
         items.append(item)
     if not items:
         raise TaskFileError(f"{path} holds no items. Fix: add lines or remove it from baseline.tasks.")
@@ -46,10 +50,11 @@ def read_task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str
 def _check_choice(item: dict[str, Any], where: str) -> None:
     choices, answer = item["choices"], item["answer"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise TaskFileError(f"{where}: 'choices' must be a list of at least two strings.")
+        raise TaskFileError(f"{where}: 'choices' must be a list of at least two strings. Fix: list the options.")
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise TaskFileError(
-            f"{where}: 'answer' must be the index (0..{len(choices) - 1}) of the right choice, got {answer!r}."
+            f"{where}: 'answer' must be the index (0..{len(choices) - 1}) of the right choice, got {answer!r}. "
+            "Fix: give the right choice's position, counting from 0."
         )
 
 
@@ -127,10 +132,20 @@ TASK_KINDS: dict[str, tuple[tuple[str, ...], Callable[..., dict[str, Any]]]] = {
 }
 
 
+def check_task_file(kind: str, path: str | Path) -> list[dict[str, Any]]:
+    """Reads a task file of ``kind`` and checks every item (before any model is loaded)."""
+    required = TASK_KINDS[kind][0]
+    items = read_task_file(path, required)
+    if kind == "multiple_choice":
+        for i, item in enumerate(items):
+            _check_choice(item, f"{path} item {i + 1}")
+    return items
+
+
 def score_task_file(
     model: nn.Module, tokenizer: Any, kind: str, path: str | Path, device: torch.device
 ) -> dict[str, Any]:
     """Reads and scores one task file of the given kind."""
-    required, scorer = TASK_KINDS[kind]
-    items = read_task_file(path, required)
+    scorer = TASK_KINDS[kind][1]
+    items = check_task_file(kind, path)
     return {"kind": kind, "path": str(path), **scorer(model, tokenizer, items, device)}

@@ -292,6 +292,19 @@ def seal(state: WaveState) -> WaveDelta:
     return delta
 
 
+def non_finite(state: WaveState) -> str | None:
+    """What went NaN or inf in this wave, if anything: its healing (which undid itself) or
+    the block weights now."""
+    stopped = (state.current.get("heal") or {}).get("stopped") or ""
+    if stopped.startswith("non-finite"):
+        return f"healing: {stopped}"
+    for name, weight in state.linears().items():
+        bad = int((~torch.isfinite(weight)).sum())
+        if bad:
+            return f"{bad} NaN/inf weight(s) in {name} after the wave's pruning, healing and regrowth"
+    return None
+
+
 def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
     """Applies the stop-loss to this wave's numbers; undoes waves when it says so; appends
     the wave's row (with the decision and its reason) and chains the state id."""
@@ -308,7 +321,7 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
             decision, reason = "rolling back", share
     else:
         seal(state)
-        verdict = judge(state.gate, wave, ppl, kl, config.gate)
+        verdict = judge(state.gate, wave, ppl, kl, config.gate, fault=non_finite(state))
         decision, reason = verdict.decision, verdict.reason
         assert state.accepted is not None
         if verdict.undo_now:

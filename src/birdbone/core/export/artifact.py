@@ -18,7 +18,7 @@ import torch
 from birdbone.core import evaluate
 from birdbone.core.export import gguf as gguf_export
 from birdbone.core.export import hf, llamacpp, pack
-from birdbone.core.io import atomic_dir
+from birdbone.core.io import TMP_PREFIX, atomic_dir
 from birdbone.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def measure_speed(path: Path, dense: Any, test: torch.Tensor, config: Any, token
     tokens = test.reshape(-1)
     out: dict[str, Any] = {"artifact": llamacpp.speed(path, tokens, config)}
     if config.compare_dense and dense is not None:
-        with tempfile.TemporaryDirectory(prefix=".dense-f16-", dir=path.parent.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX + "dense-f16-", dir=path.parent.parent) as tmp:
             dense_path = Path(tmp) / "dense_f16.gguf"
             report = gguf_export.write_gguf(
                 dense, dense_path, float_type="F16", embedding="F16", tokenizer_pre=tokenizer_pre, progress=False
@@ -123,9 +123,11 @@ def export_model(
     test: torch.Tensor,
     dense: Any = None,
     tokenizer_pre: str | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Writes ``bundle`` into ``directory`` (whole, atomically) in ``config.formats``, then
-    verifies the GGUF in llama.cpp and times it. Returns the report.
+    verifies the GGUF in llama.cpp and times it. Returns the report. ``name``: the GGUF's
+    ``general.name``.
 
     Raises:
         ExportError: the model cannot be exported as configured (before writing), or the
@@ -138,7 +140,7 @@ def export_model(
     with atomic_dir(directory) as tmp:
         if plan is not None:
             report["files"]["gguf"] = gguf_export.write_gguf(
-                bundle, tmp / GGUF_FILE, tokenizer_pre=tokenizer_pre, plan=plan
+                bundle, tmp / GGUF_FILE, tokenizer_pre=tokenizer_pre, plan=plan, name=name
             )
         if "safetensors" in config.formats:
             report["files"]["safetensors"] = hf.write_hf(bundle, tmp / HF_DIR, config.safetensors.dtype)

@@ -30,7 +30,6 @@ columns, so reordering rows moves codes and scales together and changes no value
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections import Counter
@@ -472,7 +471,8 @@ def write_gguf(
 
     Raises:
         ExportError: the model or the settings cannot be exported, ``path`` exists and
-            ``overwrite`` is false, or the disk filled (nothing is left at ``path``).
+            ``overwrite`` is false.
+        OutputError: the disk filled or is read-only (nothing is left at ``path``).
     """
     import gguf
 
@@ -517,60 +517,54 @@ def write_gguf(
             linear_bits += array.nbytes * 8
 
     dominant = Counter(t for n, t in types.items() if n.startswith("blk.") and "norm" not in n).most_common(1)[0][0]
-    try:
-        with atomic_path(path) as tmp:
-            writer = gguf.GGUFWriter(str(tmp), arch)
-            writer.add_name(name or getattr(config, "_name_or_path", None) or "bird-bone model")
-            writer.add_block_count(len(shapes))
-            writer.add_context_length(int(config.max_position_embeddings))
-            writer.add_embedding_length(int(config.hidden_size))
-            per_layer = arch == "deci"
-            writer.add_feed_forward_length(
-                [s["intermediate_size"] for s in shapes] if per_layer else shapes[0]["intermediate_size"]
-            )
-            writer.add_head_count(
-                [s["num_attention_heads"] for s in shapes] if per_layer else shapes[0]["num_attention_heads"]
-            )
-            writer.add_head_count_kv(
-                [s["num_key_value_heads"] for s in shapes] if per_layer else shapes[0]["num_key_value_heads"]
-            )
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-            writer.add_rope_dimension_count(head_dim)
-            writer.add_rope_freq_base(_rope_theta(config))
-            writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-            writer.add_vocab_size(vocab_rows)
-            writer.add_file_type(FILE_TYPES[dominant])
-            writer.add_tokenizer_model("gpt2")
-            writer.add_tokenizer_pre(tokenizer_pre or "default")
-            writer.add_token_list(tok["tokens"])
-            writer.add_token_types(tok["types"])
-            writer.add_token_merges(tok["merges"])
-            for key, add in (
-                ("bos", writer.add_bos_token_id),
-                ("eos", writer.add_eos_token_id),
-                ("unk", writer.add_unk_token_id),
-                ("pad", writer.add_pad_token_id),
-            ):
-                if key in tok:
-                    add(tok[key])
-            writer.add_add_bos_token(tok["add_bos"])
-            if "chat_template" in tok:
-                writer.add_chat_template(tok["chat_template"])
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for gname, array, raw in tensors:
-                writer.add_tensor(gname, array, raw_dtype=raw)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=progress)
-            writer.close()
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ExportError(
-                f"the disk filled while writing {path} (about {sum(a.nbytes for _, a, _ in tensors) / 1e6:.0f} MB "
-                "of tensors); nothing was left there. Fix: free space, or write elsewhere."
-            ) from exc
-        raise
+    # a full or read-only disk is an OutputError from atomic_path, with nothing left at path
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        # never the directory it was loaded from: the file must not depend on where the project is
+        writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "")).name or "bird-bone model")
+        writer.add_block_count(len(shapes))
+        writer.add_context_length(int(config.max_position_embeddings))
+        writer.add_embedding_length(int(config.hidden_size))
+        per_layer = arch == "deci"
+        writer.add_feed_forward_length(
+            [s["intermediate_size"] for s in shapes] if per_layer else shapes[0]["intermediate_size"]
+        )
+        writer.add_head_count(
+            [s["num_attention_heads"] for s in shapes] if per_layer else shapes[0]["num_attention_heads"]
+        )
+        writer.add_head_count_kv(
+            [s["num_key_value_heads"] for s in shapes] if per_layer else shapes[0]["num_key_value_heads"]
+        )
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(_rope_theta(config))
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_vocab_size(vocab_rows)
+        writer.add_file_type(FILE_TYPES[dominant])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(tokenizer_pre or "default")
+        writer.add_token_list(tok["tokens"])
+        writer.add_token_types(tok["types"])
+        writer.add_token_merges(tok["merges"])
+        for key, add in (
+            ("bos", writer.add_bos_token_id),
+            ("eos", writer.add_eos_token_id),
+            ("unk", writer.add_unk_token_id),
+            ("pad", writer.add_pad_token_id),
+        ):
+            if key in tok:
+                add(tok[key])
+        writer.add_add_bos_token(tok["add_bos"])
+        if "chat_template" in tok:
+            writer.add_chat_template(tok["chat_template"])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for gname, array, raw in tensors:
+            writer.add_tensor(gname, array, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
     report = {
         "path": str(path),
         "format": "gguf",

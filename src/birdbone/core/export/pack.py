@@ -332,7 +332,8 @@ def compress_model(
         for sub in sorted(p for p in source.iterdir() if p.is_dir()):
             meta.setdefault("skipped_dirs", []).append(sub.name)
     with atomic_path(target) as tmp:
-        save_file(stored, str(tmp), metadata={"birdbone_pack": json.dumps(meta)})
+        # sorted: a file's own metadata comes back from safetensors in a random order
+        save_file(stored, str(tmp), metadata={"birdbone_pack": json.dumps(meta, sort_keys=True)})
     total = sum(s["bytes"] for s in stats.values())
     packed = sum(s["packed_bytes"] for s in stats.values())
     return {

@@ -29,6 +29,17 @@ def tokenizer_pre(recipe: Recipe) -> str | None:
     return None
 
 
+def model_name(recipe: Recipe) -> str:
+    """The exported model's name: its source's, marked as bird-bone's (no local paths)."""
+    source = recipe.model.source
+    base = {
+        "default": "SmolLM2-135M-Instruct",
+        "hub": getattr(source, "id", ""),
+        "tiny": f"tiny-{getattr(source, 'architecture', 'llama')}",
+    }.get(source.kind) or Path(str(getattr(source, "path", "model"))).stem
+    return f"{base} (bird-bone)"
+
+
 def export(
     model: modeling.ModelBundle,
     dense: modeling.ModelBundle,
@@ -41,7 +52,7 @@ def export(
     config = recipe.export
     modeling.prepare_runtime(recipe.run.model_copy(update={"device": "cpu"}))
     model.model.to("cpu")
-    report = export_model(model, config.path, config, blocks["test"], dense, tokenizer_pre(recipe))
+    report = export_model(model, config.path, config, blocks["test"], dense, tokenizer_pre(recipe), model_name(recipe))
     report["recipe_hash"] = recipe.hash()
     exports = [
         {k: f[k] for k in ("format", "path", "bytes") if k in f}

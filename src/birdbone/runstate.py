@@ -1,0 +1,196 @@
+"""What one ``kedro run`` holds in the project: the run lock and the resume journal.
+
+**The lock** (``.birdbone/run.lock``): a run takes an exclusive ``flock`` on it before its
+first node, and writes who holds it (pid, host, command, env, start). A second run in the
+same project stops at once with that description; the kernel drops the lock when the
+holder exits, however it exits (kill -9 included), so a crashed run never leaves a stale
+lock behind.
+
+**The journal** (``.birdbone/journal.json``): after each artifact is written whole, the
+journal records it under the recipe's hash, with the file's identity (inode, size, mtime).
+A rerun of the same recipe treats an artifact as done only when the journal holds it with
+that hash and that identity, so a killed run resumes where it stopped, and a changed
+recipe, or a file replaced by hand or by ``dvc checkout``, is made again. A file several
+nodes write in turn (``summary.json``, merged) is recorded without its identity.
+
+Everything here is plain Python (no Kedro): ``birdbone.hooks`` drives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from birdbone.core.io import TMP_PREFIX, explain_write_error, write_json_atomic
+from birdbone.errors import RunLockedError
+
+STATE_DIR = ".birdbone"
+LOCK_FILE = "run.lock"
+JOURNAL_FILE = "journal.json"
+# where a run writes its artifacts: stale temporary files are swept from these at start
+ARTIFACT_DIRS = ("data", "models")
+
+__all__ = ["Journal", "RunLock", "activate", "explain_write_error", "finished", "record", "sweep_temporaries"]
+
+
+def command_line() -> str:
+    """This process's command as typed: ``kedro run ...`` (``python -m kedro run ...``)."""
+    program = Path(sys.argv[0])
+    name = f"python -m {program.parent.name}" if program.name == "__main__.py" else program.name
+    return " ".join([name, *sys.argv[1:]])
+
+
+class RunLock:
+    """An exclusive lock on the project, held for one run."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.path = Path(root) / STATE_DIR / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, **about: Any) -> None:
+        """Takes the lock or raises ``RunLockedError`` naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(self._refusal()) from None
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command_line(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **about,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+
+    def _refusal(self) -> str:
+        try:
+            other = json.loads(self.path.read_text())
+            who = (
+                f"pid {other['pid']} on {other['host']}, '{other['command']}' (env {other.get('env', '?')}), "
+                f"started {other['started']}"
+            )
+            stop = f"kill {other['pid']}"
+        except (OSError, ValueError, KeyError):  # the holder is still writing its description
+            who, stop = "a run that is just starting", "stop it"
+        return (
+            f"another bird-bone run is using this project: {who}. Two runs at once would write the same "
+            f"models and reports. Fix: wait for it to finish, or {stop}; the lock ({self.path}) is released "
+            "when that process ends, however it ends."
+        )
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def sweep_temporaries(root: str | os.PathLike[str]) -> list[Path]:
+    """Removes the ``.tmp-*`` files and folders a killed run left under data/ and models/.
+
+    Only safe while holding the run lock: no other run can be writing them."""
+    removed = []
+    for top in ARTIFACT_DIRS:
+        base = Path(root) / top
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts)):
+            if not path.exists() and not path.is_symlink():
+                continue  # inside a folder already removed
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _identity(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+class Journal:
+    """Artifacts this project's runs finished, each under the recipe hash that made it."""
+
+    def __init__(self, root: str | os.PathLike[str], recipe_hash: str, resume: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.path = self.root / STATE_DIR / JOURNAL_FILE
+        self.recipe_hash = recipe_hash
+        self.resume = resume
+        try:
+            self._entries: dict[str, Any] = json.loads(self.path.read_text())["artifacts"]
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: nothing is done
+            self._entries = {}
+
+    def _key(self, path: str | os.PathLike[str]) -> str:
+        full = Path(path)
+        full = full if full.is_absolute() else Path.cwd() / full
+        try:
+            return str(full.resolve().relative_to(self.root))
+        except ValueError:
+            return str(full.resolve())
+
+    def record(self, path: str | os.PathLike[str], shared: bool = False) -> None:
+        """Notes that ``path`` was just written whole by this recipe."""
+        full = Path(path)
+        self._entries[self._key(full)] = {
+            "recipe": self.recipe_hash,
+            "identity": None if shared else _identity(full),
+        }
+        write_json_atomic(self.path, {"artifacts": self._entries})
+
+    def done(self, path: str | os.PathLike[str], shared: bool = False) -> bool:
+        """Whether ``path`` holds what this recipe would write (and resuming is on)."""
+        if not self.resume:
+            return False
+        entry = self._entries.get(self._key(path))
+        if entry is None or entry["recipe"] != self.recipe_hash:
+            return False
+        return shared or entry["identity"] == _identity(Path(path))
+
+
+_ACTIVE: dict[str, Journal] = {}
+
+
+def activate(journal: Journal | None) -> None:
+    """Makes ``journal`` the one datasets record to and check against (None: no run)."""
+    _ACTIVE.pop("journal", None)
+    if journal is not None:
+        _ACTIVE["journal"] = journal
+
+
+def record(path: str | os.PathLike[str], shared: bool = False) -> None:
+    """Records a finished artifact in the active run's journal (no run: nothing to do)."""
+    journal = _ACTIVE.get("journal")
+    if journal is not None:
+        journal.record(path, shared)
+
+
+def finished(path: str | os.PathLike[str], present: bool, shared: bool = False) -> bool:
+    """Whether an artifact counts as existing: present on disk and, during a run, made by
+    this recipe (outside a run, present is enough)."""
+    journal = _ACTIVE.get("journal")
+    return present and (journal is None or journal.done(path, shared))
