@@ -73,6 +73,11 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert export["files"]["safetensors"]["check"]["same_top_token"] > 0.95
     assert export["files"]["pack"]["lossless"] and export["files"]["pack"]["strategies"]["quantized"] == 2 * 7 + 2
     assert runs["metrics.export.ppl_llama_cpp"][0] == pytest.approx(export["verify"]["ppl_llama_cpp"])
+    # each stage's peak memory, in summary.json and MLflow
+    memory = summary["memory"]
+    assert set(memory) == {"baseline", "profile", "decay", "heal", "quantize", "export"}
+    assert all(100 < m["peak_rss_mb"] < 24 * 1024 and m["per_stage"] for m in memory.values())
+    assert runs["metrics.memory.heal.peak_rss_mb"][0] == pytest.approx(memory["heal"]["peak_rss_mb"])
 
 
 def test_the_quantized_model_keeps_the_masks_and_every_weight_is_on_its_grid(project):

@@ -694,6 +694,7 @@ class HealConfig(Stage):
           pool_blocks: 256       # healing blocks drawn from (null: the whole healing split)
           distill: 0.0           # weight of the KL to the dense teacher's top-k logits (0: off)
           quantize: none         # nf4: QLoRA, 4-bit base weights (CUDA + bitsandbytes)
+          gradient_checkpointing: false  # true: recompute activations in the backward pass (less memory, slower)
           final: {steps: 64, lr: 2.0e-4}
     """
 
@@ -713,6 +714,7 @@ class HealConfig(Stage):
     distill_top_k: Annotated[int, Field(ge=1, le=1024)] = 32
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     quantize: Literal["none", "nf4"] = "none"
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory
     eval_every: Annotated[int, Field(ge=0)] = 8  # steps between healing-curve points (0: none)
     curve_blocks: PositiveInt = 4  # validation blocks each curve point is measured on
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0

@@ -9,6 +9,7 @@ this hook logs them. A tracking failure is reported once and never stops the com
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from kedro.framework.hooks import hook_impl
 
 from birdbone import runstate
 from birdbone.config import Recipe, TrackingConfig, validate_recipe
+from birdbone.core import memory
 from birdbone.core.io import flatten
 from birdbone.errors import ConfigError, OutputError
 
@@ -144,6 +146,57 @@ class RunStateHook:
         self._release()
 
 
+def stage_of(node: Any) -> str:
+    """The stage a node belongs to: the pipelines package of its function
+    (``birdbone.pipelines.heal.nodes`` -> ``heal``)."""
+    parts = getattr(getattr(node, "func", None), "__module__", "").split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["birdbone", "pipelines"] else "other"
+
+
+class MemoryHook:
+    """Peak RSS (and peak GPU memory on CUDA) of each stage, from its nodes' peaks: logged
+    at the end of the run, written to ``summary.json`` (``memory``) and, through the
+    tracking hook, to MLflow (``memory.<stage>.peak_rss_mb``)."""
+
+    def __init__(self, recipe_hook: RecipeHook) -> None:
+        self._recipe_hook = recipe_hook
+        self.stages: dict[str, dict[str, Any]] = {}
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self.stages = {}
+
+    @hook_impl
+    def before_node_run(self, node: Any) -> None:
+        memory.reset_peak()
+
+    @hook_impl
+    def after_node_run(self, node: Any) -> None:
+        peak = memory.peak()
+        entry = self.stages.setdefault(stage_of(node), {"peak_rss_mb": 0.0, "per_stage": peak.resettable})
+        entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(peak.rss_bytes / 2**20, 1))
+        if peak.gpu_bytes is not None:
+            entry["peak_gpu_mb"] = max(entry.get("peak_gpu_mb", 0.0), round(peak.gpu_bytes / 2**20, 1))
+
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        recipe, root = self._recipe_hook.recipe, self._recipe_hook.root
+        if not self.stages or recipe is None or root is None:
+            return
+        for stage, entry in self.stages.items():
+            gpu = f", GPU {entry['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in entry else ""
+            log.info("stage %s: peak RSS %.0f MiB%s", stage, entry["peak_rss_mb"], gpu)
+        path = root / REPORTS / "summary.json"
+        try:
+            old = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            old = {}
+        kept = old.get("memory", {}) if old.get("recipe_hash") == recipe.hash() else {}  # stages a resume skipped
+        from birdbone.datasets import JSONDataset
+
+        JSONDataset(str(path), merge=True).save({"recipe_hash": recipe.hash(), "memory": {**kept, **self.stages}})
+
+
 # MLflow's HTTP client retries 7 times over about four minutes by default; a run waits for
 # it at the first call. Users who want that set these variables themselves.
 HTTP_DEFAULTS = {
@@ -155,10 +208,12 @@ HTTP_DEFAULTS = {
 
 class TrackingHook:
     """One MLflow run per ``kedro run``: the validated recipe as params, node metrics,
-    the reports as artifacts, and the status FAILED when the pipeline fails."""
+    each stage's peak memory, the reports as artifacts, and the status FAILED when the
+    pipeline fails."""
 
-    def __init__(self, recipe_hook: RecipeHook) -> None:
+    def __init__(self, recipe_hook: RecipeHook, memory_hook: MemoryHook | None = None) -> None:
         self._recipe_hook = recipe_hook
+        self._memory_hook = memory_hook
         self._mlflow: Any = None
         self._root = Path.cwd()
         self._config = TrackingConfig()
@@ -244,6 +299,15 @@ class TrackingHook:
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        stages = self._memory_hook.stages if self._memory_hook is not None else {}
+        numbers = {
+            f"memory.{stage}.{key}": float(value)
+            for stage, entry in stages.items()
+            for key, value in entry.items()
+            if key.startswith("peak_")
+        }
+        if numbers and self._mlflow is not None:
+            self._call("log peak memory", self._mlflow.log_metrics, numbers)
         reports = self._root / REPORTS
         if self._mlflow is not None and reports.is_dir():
             for path in sorted(reports.glob("*")):

@@ -6,10 +6,11 @@ import warnings
 from kedro.framework.session import KedroSession
 
 from birdbone.errors import BirdboneError
-from birdbone.hooks import RecipeHook, RunStateHook, TrackingHook
+from birdbone.hooks import MemoryHook, RecipeHook, RunStateHook, TrackingHook
 
 _recipe_hook = RecipeHook()
-HOOKS = (_recipe_hook, RunStateHook(_recipe_hook), TrackingHook(_recipe_hook))
+_memory_hook = MemoryHook(_recipe_hook)
+HOOKS = (_recipe_hook, RunStateHook(_recipe_hook), _memory_hook, TrackingHook(_recipe_hook, _memory_hook))
 
 
 class ResumingSession(KedroSession):

@@ -180,3 +180,20 @@ def _on(bundle, grid, masks):
     from birdbone.core.quantize import on_grid
 
     return [on_grid(w, grid, masks[n]) for n, w in weights(bundle).items()]
+
+
+def test_gradient_checkpointing_trains_the_same_and_is_switched_off_after(tiny_tokenizer):
+    from birdbone.core import modeling
+
+    results = []
+    for checkpointing in (False, True):
+        model = modeling.tiny_model(vocab=len(tiny_tokenizer), seed=0)
+        bundle = modeling.ModelBundle(model, tiny_tokenizer, modeling.adapter_for(model))
+        masks = pruned(bundle)
+        report = heal_(bundle, masks, patterned(16), config(steps=4, gradient_checkpointing=checkpointing))
+        assert report.merged and not model.is_gradient_checkpointing
+        assert MaskSet.from_weights(weights(bundle)).equals(masks)
+        results.append((weights(bundle), [p["loss"] for p in report.curve if "loss" in p]))
+    (plain, plain_loss), (recomputed, recomputed_loss) = results
+    assert recomputed_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert all(torch.allclose(plain[n], recomputed[n], atol=1e-6) for n in plain)

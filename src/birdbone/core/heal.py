@@ -311,6 +311,8 @@ def heal_(
         torch.device(device).type, dtype=torch.bfloat16, enabled=config.compute_dtype == "bfloat16"
     )
     peft_model.train()
+    if config.gradient_checkpointing:  # activations recomputed in the backward pass: less memory, more time
+        train_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     curve_blocks = validation[: config.curve_blocks] if validation is not None else None
     first = _curve_ppl(peft_model, curve_blocks, config.batch_size, device) if config.eval_every else None
     if first is not None:
@@ -384,6 +386,8 @@ def heal_(
     finally:
         if simulated is not None:
             simulated.restore()
+        if config.gradient_checkpointing:
+            train_model.gradient_checkpointing_disable()
         if train_model is model:
             peft_model.unload()  # the original Linears back, their weights untouched
         else:
