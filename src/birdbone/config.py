@@ -344,6 +344,27 @@ class BaselineConfig(Stage):
 # --------------------------------------------------------------------------- profile
 
 
+class ClusterConfig(Stage):
+    """Clusters of each block's MLP channels (``core.clusters``), saved with the profile.
+
+    Example::
+
+        clusters:
+          enabled: false
+          method: coactivation   # coactivation: alike activations on calibration data;
+                                 # spectral: loading on the same top singular vector of down_proj
+          count: 8               # clusters per block
+          dims: 32               # coactivation: eigen-dimensions of the channels' embedding
+          seed: 0
+    """
+
+    enabled: bool = False
+    method: Literal["coactivation", "spectral"] = "coactivation"
+    count: Annotated[int, Field(ge=2, le=256)] = 8
+    dims: Annotated[int, Field(ge=2, le=1024)] = 32
+    seed: NonNegativeInt = 0
+
+
 class ProfileConfig(Stage):
     """Usage profiling over the calibration split, one block at a time.
 
@@ -356,6 +377,7 @@ class ProfileConfig(Stage):
           gram: false            # also store each Linear's input Gram matrix X^T X / n
           gradient_blocks: 4     # backward passes for E|dL/dW| (0: skip)
           frequency_eps: 0.001   # a channel is active on a token when |x| > eps
+          clusters: {enabled: false, method: coactivation, count: 8}   # see ClusterConfig
     """
 
     blocks: PositiveInt | None = 32
@@ -364,6 +386,7 @@ class ProfileConfig(Stage):
     gram: bool = False
     gradient_blocks: NonNegativeInt = 4
     frequency_eps: Annotated[float, Field(gt=0)] = 1e-3
+    clusters: ClusterConfig = ClusterConfig()
 
 
 # --------------------------------------------------------------------------- pruning

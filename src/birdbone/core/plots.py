@@ -85,7 +85,10 @@ def profile_figure(summary: dict[str, Any]) -> Figure:
             grid[kinds.index(match.group(2)), int(match.group(1))] = value
     heads = summary["head_importance"]
     head_grid = np.array([heads[k] for k in sorted(heads, key=lambda k: int(k.rsplit(".", 1)[1]))])
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"width_ratios": [3, 2, 3]})
+    clusters = summary.get("clusters")
+    panels = 4 if clusters else 3
+    ratios = [3, 2, 3, 3][:panels]
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.8), gridspec_kw={"width_ratios": ratios})
     image = axes[0].imshow(grid, aspect="auto", cmap="viridis", vmax=1)
     title = f"Activation frequency (share of tokens with |x| > {summary.get('frequency_eps', 1e-3):g})"
     axes[0].set(yticks=range(len(kinds)), yticklabels=kinds, xlabel="decoder block", title=title)
@@ -95,8 +98,32 @@ def profile_figure(summary: dict[str, Any]) -> Figure:
     image = axes[2].imshow(head_grid.T, aspect="auto", cmap="magma")
     axes[2].set(xlabel="decoder block", ylabel="query head", title="Head importance (||X_o|| * ||W_o||)")
     fig.colorbar(image, ax=axes[2])
+    if clusters:
+        _clusters_panel(axes[3], clusters)
     fig.tight_layout()
     return fig
+
+
+def _clusters_panel(ax: Any, clusters: dict[str, Any]) -> None:
+    """Each block's MLP-channel clusters as a stacked bar: a segment per cluster, as tall
+    as its size, coloured by its usage relative to the block's busiest cluster."""
+    import numpy as np
+
+    layers = sorted(clusters["layers"], key=lambda k: int(k.rsplit(".", 1)[1]))
+    cmap = plt.get_cmap("plasma")
+    for x, key in enumerate(layers):
+        sizes, usage = clusters["layers"][key]["sizes"], np.array(clusters["layers"][key]["usage"])
+        share = usage / max(usage.max(), 1e-12)
+        bottom = 0
+        for c in np.argsort(-usage):
+            ax.bar(x, sizes[c], bottom=bottom, color=cmap(share[c]), edgecolor="white", linewidth=0.3)
+            bottom += sizes[c]
+    ax.set(
+        xlabel="decoder block",
+        ylabel="MLP channels",
+        title=f"{clusters['count']} {clusters['method']} clusters per block (colour: usage / block's max)",
+    )
+    plt.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=ax)
 
 
 _DECISION_STYLE = {

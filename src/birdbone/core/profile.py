@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from birdbone.core import clusters
 from birdbone.core.stream import require_in_memory
 from birdbone.core.walk import InputStats, ReadOnlyMethod, autocast_dtype, calibration_walk
 
@@ -47,9 +48,13 @@ class _Profiler(ReadOnlyMethod):
 
     needs_frequency = True
 
-    def __init__(self, adapter: Any, config: Any, want_gram: bool, frequency_eps: float = 1e-3):
+    def __init__(
+        self, adapter: Any, config: Any, want_gram: bool, frequency_eps: float = 1e-3, cluster_config: Any = None
+    ):
         self.adapter = adapter
-        self.needs_gram = want_gram
+        self.clusters = cluster_config if cluster_config is not None and cluster_config.enabled else None
+        self.keep_gram = want_gram
+        self.needs_gram = want_gram or (self.clusters is not None and self.clusters.method == "coactivation")
         self.frequency_eps = frequency_eps
         self.heads, self.kv_heads, self.head_dim = adapter.attention_shape(config)
         self.tensors: dict[str, torch.Tensor] = {}
@@ -62,8 +67,13 @@ class _Profiler(ReadOnlyMethod):
         for name, stat in stats.items():
             self.tensors[f"{prefix}.{name}.input_norm"] = stat.norm()
             self.tensors[f"{prefix}.{name}.frequency"] = stat.frequency()
-            if stat.gram is not None:
+            if stat.gram is not None and self.keep_gram:
                 self.tensors[f"{prefix}.{name}.gram"] = stat.gram / max(stat.tokens, 1)
+        if self.clusters is not None:
+            last = self.adapter.last_linear
+            c = self.clusters
+            labels = clusters.cluster(c.method, c.count, c.seed, c.dims, stats[last].gram, linears[last].weight)
+            self.tensors[f"{prefix}.{self.adapter.mlp_path}.clusters"] = labels
         o_name = f"{self.adapter.attention_path}.{self.adapter.attention_linears[3]}"
         self.tensors[f"{prefix}.head_importance"] = head_importance(
             stats[o_name].norm(), linears[o_name].weight, self.head_dim
@@ -121,7 +131,7 @@ def profile_usage(
     start = time.perf_counter()
     if config.blocks is not None:
         calibration = calibration[: config.blocks]
-    method = _Profiler(bundle.adapter, bundle.model.config, config.gram, config.frequency_eps)
+    method = _Profiler(bundle.adapter, bundle.model.config, config.gram, config.frequency_eps, config.clusters)
     dtype = autocast_dtype(config.compute_dtype)
     calibration_walk(bundle, calibration, method, config.batch_size, device, "profiling", dtype)
     tensors = dict(method.tensors)
@@ -146,4 +156,18 @@ def profile_usage(
         },
         "seconds": {"walk": walked, "total": time.perf_counter() - start},
     }
+    if method.clusters is not None:
+        last = bundle.adapter.last_linear
+        summary["clusters"] = {
+            "units": "mlp_channels",
+            "method": config.clusters.method,
+            "count": config.clusters.count,
+            "layers": {
+                key.removesuffix(f".{bundle.adapter.mlp_path}.clusters"): clusters.describe(
+                    t, tensors[key.replace(f"{bundle.adapter.mlp_path}.clusters", f"{last}.input_norm")]
+                )
+                for key, t in tensors.items()
+                if key.endswith(".clusters")
+            },
+        }
     return tensors, summary
