@@ -55,6 +55,8 @@ class _Profiler(ReadOnlyMethod):
         self.clusters = cluster_config if cluster_config is not None and cluster_config.enabled else None
         self.keep_gram = want_gram
         self.needs_gram = want_gram or (self.clusters is not None and self.clusters.method == "coactivation")
+        # clusters alone need only the MLP channels' Gram (the last Linear's inputs)
+        self.gram_for = None if want_gram else {adapter.last_linear}
         self.frequency_eps = frequency_eps
         self.heads, self.kv_heads, self.head_dim = adapter.attention_shape(config)
         self.tensors: dict[str, torch.Tensor] = {}

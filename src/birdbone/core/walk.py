@@ -126,6 +126,8 @@ class BlockMethod(Protocol):
     needs_gram: bool  # ... including the Gram matrix X^T X
     needs_frequency: bool  # ... including activation counts
     # Optional, read with getattr/hasattr:
+    #   gram_for (set of block-Linear names, default None: all): the Linears whose Gram matrix
+    #     is collected when needs_gram;
     #   frequency_eps (float, default 1e-3): |x| above which an input channel counts as active;
     #   modifies_blocks (bool, default True): False lets the walk reuse the statistics pass's
     #     outputs instead of running the unchanged block again;
@@ -267,8 +269,10 @@ def _walk_block(
 ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     """Statistics, the method, and the (changed) block's outputs as the next inputs."""
     linears = adapter.block_linears(block)
+    gram_for = getattr(method, "gram_for", None)
+    gram = {name: method.needs_gram and (gram_for is None or name in gram_for) for name in linears}
     stats = {
-        name: InputStats(linear.in_features, method.needs_gram, method.needs_frequency, eps)
+        name: InputStats(linear.in_features, gram[name], method.needs_frequency, eps)
         for name, linear in linears.items()
     }
     rerun = getattr(method, "modifies_blocks", True)  # the statistics pass's outputs are then not used
