@@ -107,6 +107,20 @@ class TensorsDataset(AbstractDataset[dict[str, torch.Tensor], dict[str, torch.Te
         return {"path": str(self._path)}
 
 
+def merge_json(path: Path, data: dict[str, Any]) -> None:
+    """Updates the top-level keys of the JSON file at ``path`` with ``data`` (atomically),
+    unless the file belongs to another recipe (``recipe_hash`` differs): then it starts afresh."""
+    out = dict(data)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("recipe_hash") == data.get("recipe_hash"):
+            out = {**old, **data}
+    write_json_atomic(path, out)
+
+
 class JSONDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
     """A JSON report. With ``merge: true`` a save updates the top-level keys of the file
     already there (so each pipeline adds its section to ``summary.json``), unless the file
@@ -121,15 +135,10 @@ class JSONDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
         return json.loads(self._path.read_text())
 
     def save(self, data: dict[str, Any]) -> None:
-        out = dict(data)
-        if self._merge and self._path.is_file():
-            try:
-                old = json.loads(self._path.read_text())
-            except json.JSONDecodeError:
-                old = {}
-            if old.get("recipe_hash") == data.get("recipe_hash"):
-                out = {**old, **data}
-        write_json_atomic(self._path, out)
+        if self._merge:
+            merge_json(self._path, data)
+        else:
+            write_json_atomic(self._path, data)
         runstate.record(self._path, shared=self._merge)
 
     def _exists(self) -> bool:

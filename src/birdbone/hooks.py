@@ -20,7 +20,7 @@ from kedro.framework.hooks import hook_impl
 from birdbone import runstate
 from birdbone.config import Recipe, TrackingConfig, validate_recipe
 from birdbone.core import memory
-from birdbone.core.io import flatten
+from birdbone.core.io import flatten, write_json_atomic
 from birdbone.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
@@ -154,13 +154,29 @@ def stage_of(node: Any) -> str:
 
 
 class MemoryHook:
-    """Peak RSS (and peak GPU memory on CUDA) of each stage, from its nodes' peaks: logged
-    at the end of the run, written to ``summary.json`` (``memory``) and, through the
-    tracking hook, to MLflow (``memory.<stage>.peak_rss_mb``)."""
+    """Peak RSS (and peak GPU memory on CUDA) of each stage, from its nodes' peaks.
+
+    Kept after every node in ``.birdbone/memory.json`` (so the stages a killed run finished
+    keep theirs when it resumes), written to ``summary.json`` (``memory``) when the run
+    succeeds (a failed run leaves the last summary as it was), logged, and sent to MLflow by
+    the tracking hook (``memory.<stage>.peak_rss_mb``)."""
 
     def __init__(self, recipe_hook: RecipeHook) -> None:
         self._recipe_hook = recipe_hook
         self.stages: dict[str, dict[str, Any]] = {}
+
+    def _path(self) -> Path | None:
+        root = self._recipe_hook.root
+        return None if root is None else root / runstate.STATE_DIR / "memory.json"
+
+    def _earlier(self) -> dict[str, Any]:
+        """This recipe's stage peaks from earlier (killed or partial) runs."""
+        path, recipe = self._path(), self._recipe_hook.recipe
+        try:
+            old = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        except ValueError:
+            old = {}
+        return old.get("stages", {}) if recipe is not None and old.get("recipe_hash") == recipe.hash() else {}
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -177,24 +193,24 @@ class MemoryHook:
         entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(peak.rss_bytes / 2**20, 1))
         if peak.gpu_bytes is not None:
             entry["peak_gpu_mb"] = max(entry.get("peak_gpu_mb", 0.0), round(peak.gpu_bytes / 2**20, 1))
+        path, recipe = self._path(), self._recipe_hook.recipe
+        if path is not None and recipe is not None:
+            write_json_atomic(path, {"recipe_hash": recipe.hash(), "stages": {**self._earlier(), **self.stages}})
 
     @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         recipe, root = self._recipe_hook.recipe, self._recipe_hook.root
-        if not self.stages or recipe is None or root is None:
+        if recipe is None or root is None:
             return
         for stage, entry in self.stages.items():
             gpu = f", GPU {entry['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in entry else ""
             log.info("stage %s: peak RSS %.0f MiB%s", stage, entry["peak_rss_mb"], gpu)
-        path = root / REPORTS / "summary.json"
-        try:
-            old = json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError:
-            old = {}
-        kept = old.get("memory", {}) if old.get("recipe_hash") == recipe.hash() else {}  # stages a resume skipped
-        from birdbone.datasets import JSONDataset
+        stages = {**self._earlier(), **self.stages}
+        if stages:
+            from birdbone.datasets import merge_json
 
-        JSONDataset(str(path), merge=True).save({"recipe_hash": recipe.hash(), "memory": {**kept, **self.stages}})
+            # not recorded in the run journal: summary.json counts as written by the nodes that own it
+            merge_json(root / REPORTS / "summary.json", {"recipe_hash": recipe.hash(), "memory": stages})
 
 
 # MLflow's HTTP client retries 7 times over about four minutes by default; a run waits for

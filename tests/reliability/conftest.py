@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # A wider tiny model, so that each stage runs long enough to be killed in the middle of.
 SLOWER = "model.source.hidden=256,model.source.intermediate=1024,model.source.heads=8,model.source.kv_heads=4"
 
-# Keys whose values are wall-clock measurements: the only numbers two runs may differ in.
-TIMING = re.compile(r"seconds|tokens_per_s|_ms$|x_dense_f16")
+# Keys whose values are measurements of the machine (wall-clock times, peak memory): the only
+# numbers two runs may differ in.
+TIMING = re.compile(r"seconds|tokens_per_s|_ms$|x_dense_f16|peak_rss_mb|peak_gpu_mb")
 # Figures that draw timings.
 TIMING_PLOTS = {"data/08_reporting/baseline.png"}
 
@@ -100,7 +101,7 @@ def _without_timings(value: Any) -> Any:
 
 def artifacts(project: Path) -> dict[str, Any]:
     """Every artifact of a run, comparable across runs: file bytes (as SHA-256), JSON with
-    the wall-clock timings left out, and no figure that draws timings."""
+    the timings and memory peaks left out, and no figure that draws timings."""
     out: dict[str, Any] = {}
     for name, digest in snapshot(project).items():
         if name in TIMING_PLOTS or name.startswith("data/01_raw"):

@@ -188,3 +188,4 @@ def test_resumed_artifacts_are_compared_without_timings_only(reference):
     assert "models/export/model.gguf" in compared and "models/waves/wave_3/masks.safetensors" in compared
     summary = compared["data/08_reporting/summary.json"]
     assert "ppl_test" in summary["quantize"] and "tokens_per_s" not in summary["baseline"]
+    assert summary["memory"]["decay"] == {"per_stage": True}  # the peak itself is a measurement
