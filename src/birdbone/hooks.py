@@ -164,6 +164,7 @@ class MemoryHook:
     def __init__(self, recipe_hook: RecipeHook) -> None:
         self._recipe_hook = recipe_hook
         self.stages: dict[str, dict[str, Any]] = {}
+        self._earlier_stages: dict[str, Any] = {}  # read once a run, from .birdbone/memory.json
 
     def _path(self) -> Path | None:
         root = self._recipe_hook.root
@@ -181,6 +182,7 @@ class MemoryHook:
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         self.stages = {}
+        self._earlier_stages = self._earlier()
 
     @hook_impl
     def before_node_run(self, node: Any) -> None:
@@ -195,7 +197,7 @@ class MemoryHook:
             entry["peak_gpu_mb"] = max(entry.get("peak_gpu_mb", 0.0), round(peak.gpu_bytes / 2**20, 1))
         path, recipe = self._path(), self._recipe_hook.recipe
         if path is not None and recipe is not None:
-            write_json_atomic(path, {"recipe_hash": recipe.hash(), "stages": {**self._earlier(), **self.stages}})
+            write_json_atomic(path, {"recipe_hash": recipe.hash(), "stages": {**self._earlier_stages, **self.stages}})
 
     @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -205,7 +207,7 @@ class MemoryHook:
         for stage, entry in self.stages.items():
             gpu = f", GPU {entry['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in entry else ""
             log.info("stage %s: peak RSS %.0f MiB%s", stage, entry["peak_rss_mb"], gpu)
-        stages = {**self._earlier(), **self.stages}
+        stages = {**self._earlier_stages, **self.stages}
         if stages:
             from birdbone.datasets import merge_json
 

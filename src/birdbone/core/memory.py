@@ -34,8 +34,8 @@ def _hwm_bytes() -> int | None:
     return int(found.group(1)) * 1024 if found else None
 
 
-def reset_peak() -> bool:
-    """Starts a new stretch; returns whether the RSS peak could be reset."""
+def reset_peak() -> None:
+    """Starts a new stretch (where the RSS peak cannot be reset, ``peak`` says so)."""
     try:
         import torch
 
@@ -43,11 +43,8 @@ def reset_peak() -> bool:
             torch.cuda.reset_peak_memory_stats()
     except Exception:  # noqa: BLE001 - no torch or no CUDA: nothing to reset
         pass
-    try:
+    with contextlib.suppress(OSError):
         _CLEAR.write_text("5")
-    except OSError:
-        return False
-    return _hwm_bytes() is not None
 
 
 def peak() -> Peak:

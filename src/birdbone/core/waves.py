@@ -294,14 +294,14 @@ def seal(state: WaveState) -> WaveDelta:
 
 def non_finite(state: WaveState) -> str | None:
     """What went NaN or inf in this wave, if anything: its healing (which undid itself) or
-    the block weights now."""
+    the weights now (the first parameter that holds any)."""
+    from birdbone.core import modeling
+
     stopped = (state.current.get("heal") or {}).get("stopped") or ""
     if stopped.startswith("non-finite"):
         return f"healing: {stopped}"
-    for name, weight in state.linears().items():
-        bad = int((~torch.isfinite(weight)).sum())
-        if bad:
-            return f"{bad} NaN/inf weight(s) in {name} after the wave's pruning, healing and regrowth"
+    for name, bad in modeling.non_finite_params(state.bundle.model).items():
+        return f"{bad} NaN/inf weight(s) in {name} after the wave's pruning, healing and regrowth"
     return None
 
 
