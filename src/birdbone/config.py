@@ -570,6 +570,88 @@ class GateConfig(Stage):
     reference: Literal["accepted", "accepted_or_dense"] = "accepted_or_dense"
 
 
+class DecayClustersConfig(Stage):
+    """Cluster-aware decay (``core.clusters``): each cluster of a block's MLP channels (the
+    profile's ``clusters``) takes its own share of a wave's removal in the MLP's Linears
+    (gate/up rows, down columns), set by its health: usage (the channels' activation norms)
+    and the loss sensitivity of what the previous wave removed from it (E|dL/dW| |W| per
+    weight, from the profile's gradients), each relative to the block's mean. A cluster's
+    share is the layer's times ``(usage x sensitivity)^-strength``, clipped to ``bounds``
+    and scaled so the layer still reaches its target; never below what earlier waves
+    removed from it.
+
+    Example::
+
+        clusters:
+          enabled: false
+          bounds: [0.5, 1.5]   # a cluster's share of removal, as a multiple of the layer's
+          strength: 0.5        # how strongly health moves the shares (0: plain waves)
+          spike: 1.5           # sensitivity over 1.5x the block's mean: the cluster spiked (logged)
+    """
+
+    enabled: bool = False
+    bounds: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (0.5, 1.5)
+    strength: Annotated[float, Field(ge=0, le=4)] = 0.5
+    spike: Annotated[float, Field(gt=1)] = 1.5
+
+    @model_validator(mode="after")
+    def _bounds_hold_one(self) -> DecayClustersConfig:
+        low, high = self.bounds
+        if not low <= 1 <= high:
+            raise ValueError(
+                f"bounds {list(self.bounds)} must hold 1 (a share equal to the layer's), or no mix of clusters "
+                "could reach the layer's target. Fix: e.g. bounds: [0.5, 1.5]"
+            )
+        return self
+
+
+class RecoveryConfig(Stage):
+    """The recovery ladder (``core.recovery``): when a wave spikes (the gate's step or KL
+    limit), the steps in ``ladder`` are tried in order before the gate judges it, each
+    followed by a validation measurement, until one brings the wave within the limits:
+
+    - ``heal``: ``heal_steps`` more healing steps (the wave's learning rate);
+    - ``regrow``: restore ``regrow_fraction`` of what the wave removed from each block's most
+      sensitive MLP cluster (its most useful weights first: |W| x ||X||), or with clusters
+      off from each Linear;
+    - ``rollback``: restore ``rollback_fraction`` of what the wave still has removed, most
+      important weights first;
+    - ``revert``: undo the wave entirely and stop the decay.
+
+    The ladder spends at most ``budget_s`` seconds over the whole decay (a step that would
+    start past it is skipped and recorded as such). Every step and its effect goes into the
+    wave table and MLflow.
+
+    Example::
+
+        recovery:
+          enabled: false
+          ladder: [heal, regrow, rollback, revert]
+          heal_steps: 16
+          regrow_fraction: 0.25
+          rollback_fraction: 0.5
+          budget_s: 1800
+    """
+
+    enabled: bool = False
+    ladder: list[Literal["heal", "regrow", "rollback", "revert"]] = ["heal", "regrow", "rollback", "revert"]
+    heal_steps: PositiveInt = 16
+    regrow_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25
+    rollback_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    budget_s: Annotated[float, Field(gt=0)] = 1800.0
+
+    @model_validator(mode="after")
+    def _ladder_order(self) -> RecoveryConfig:
+        if len(set(self.ladder)) != len(self.ladder):
+            raise ValueError(f"recovery.ladder {self.ladder} names a step twice. Fix: each step at most once")
+        if "revert" in self.ladder and self.ladder[-1] != "revert":
+            raise ValueError(
+                f"recovery.ladder {self.ladder}: revert undoes the whole wave, so nothing can come after it. "
+                "Fix: put revert last"
+            )
+        return self
+
+
 DecayPattern = Annotated[
     UnstructuredPattern | NMPattern | MLPChannelsPattern | HeadsPattern | BlocksPattern, Field(discriminator="kind")
 ]
@@ -605,6 +687,8 @@ class DecayConfig(PruneConfig):
     waves: PositiveInt | None = None
     calibration_blocks: PositiveInt | None = None
     gate: GateConfig = GateConfig()
+    clusters: DecayClustersConfig = DecayClustersConfig()
+    recovery: RecoveryConfig = RecoveryConfig()
 
     @model_validator(mode="after")
     def _reachable(self) -> DecayConfig:
@@ -621,6 +705,18 @@ class DecayConfig(PruneConfig):
                 "Fix: leave decay.waves unset"
             )
         self.wave_targets()  # raises if the schedule cannot reach the target under the cap
+        if self.clusters.enabled and (self.pattern.kind != "unstructured" or self.method == "sparsegpt"):
+            raise ValueError(
+                "decay.clusters gives each cluster its own share of a wave's removal, which needs an unstructured "
+                f"pattern and a score-ranking method; this recipe has pattern {self.pattern.kind} and method "
+                f"{self.method}. Fix: decay.clusters.enabled: false, or pattern kind unstructured with method wanda"
+            )
+        partial = {"regrow", "rollback"} & set(self.recovery.ladder)
+        if self.recovery.enabled and partial and self.pattern.kind != "unstructured":
+            raise ValueError(
+                f"recovery.ladder steps {sorted(partial)} restore single weights, which a {self.pattern.kind} "
+                "pattern has no room for. Fix: recovery.ladder: [heal, revert], or pattern kind unstructured"
+            )
         return self
 
     @property
@@ -652,6 +748,8 @@ class DecayConfig(PruneConfig):
         if not self.enabled:
             return 0
         extra = self.gate.rollback_waves if self.gate.rollback == "gradual" else 0
+        if self.recovery.enabled and {"regrow", "rollback"} & set(self.recovery.ladder):
+            extra = max(extra, 2)  # room to catch up after a recovery restored weights
         return len(self.wave_targets()) + extra
 
 
@@ -1034,6 +1132,22 @@ class Recipe(Stage):
             raise ValueError(
                 f"regrow swaps single connections, which a {self.decay.pattern.kind} pattern has no room for "
                 "(N:M groups and whole units are fixed). Fix: regrow.enabled: false, or decay.pattern kind unstructured"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _biophase_needs(self) -> Recipe:
+        if self.decay is None:
+            return self
+        if self.decay.clusters.enabled and not self.profile.clusters.enabled:
+            raise ValueError(
+                "decay.clusters shares each wave's removal among the profile's MLP-channel clusters, but "
+                "profile.clusters.enabled is false, so there are none. Fix: profile.clusters.enabled: true"
+            )
+        if self.decay.recovery.enabled and "heal" in self.decay.recovery.ladder and not self.heal.enabled:
+            raise ValueError(
+                "decay.recovery.ladder starts with extra healing, but heal.enabled is false. "
+                "Fix: heal.enabled: true, or take heal out of decay.recovery.ladder"
             )
         return self
 

@@ -110,3 +110,127 @@ def describe(labels: torch.Tensor, usage: torch.Tensor) -> dict[str, list[float]
     sizes = torch.bincount(labels, minlength=count)
     total = torch.zeros(count, dtype=torch.float64).index_add_(0, labels, usage.double().cpu())
     return {"sizes": sizes.tolist(), "usage": (total / sizes.clamp_min(1)).tolist()}
+
+
+# --------------------------------------------------------------------------- cluster-aware decay
+
+
+def health_factors(
+    usage: torch.Tensor,
+    sensitivity: torch.Tensor | None,
+    sizes: torch.Tensor,
+    bounds: tuple[float, float],
+    strength: float,
+) -> torch.Tensor:
+    """Each cluster's removal share as a multiple of its layer's: ``(u_c s_c)^-strength``
+    clipped to ``bounds``, where u_c and s_c are the cluster's usage and sensitivity over
+    their size-weighted means in the block (a busier or more sensitive cluster loses less).
+    ``sensitivity`` None (no wave measured yet): usage alone."""
+    weights = sizes.double() / sizes.sum()
+    health = usage.double() / (usage.double() * weights).sum().clamp_min(1e-30)
+    if sensitivity is not None:
+        health = health * sensitivity.double() / (sensitivity.double() * weights).sum().clamp_min(1e-30)
+    return health.clamp_min(1e-12).pow(-strength).clamp(*bounds)
+
+
+def water_fill(
+    target: float, sizes: torch.Tensor, factors: torch.Tensor, floors: torch.Tensor, ceiling: float = 1.0
+) -> torch.Tensor:
+    """Per-cluster sparsities ``clip(lam f_c, floor_c, ceiling)`` whose size-weighted mean is
+    ``target``, ``lam`` found by bisection (the clipped sum is monotone in it). Floors whose
+    mean already passes the target are returned as they are."""
+    sizes, factors, floors = sizes.double(), factors.double(), floors.double()
+    total = float(sizes.sum())
+
+    def mean(lam: float) -> float:
+        return (
+            float(
+                (
+                    sizes * (lam * factors).clamp(min=0.0).minimum(torch.full_like(factors, ceiling)).maximum(floors)
+                ).sum()
+            )
+            / total
+        )
+
+    if mean(0.0) >= target:
+        return floors.clamp(max=ceiling)
+    low, high = 0.0, 1.0
+    while mean(high) < target and high < 1e6:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mean(mid) < target else (low, mid)
+    return (high * factors).clamp(max=ceiling).maximum(floors)
+
+
+def _apportion(amounts: torch.Tensor, total: int) -> torch.Tensor:
+    """Integers summing to ``total`` closest to ``amounts`` (largest remainder)."""
+    base = amounts.floor().long()
+    short = total - int(base.sum())
+    if short > 0:
+        base[(amounts - base).argsort(descending=True, stable=True)[:short]] += 1
+    elif short < 0:
+        base[(amounts - base).argsort(stable=True)[:-short]] -= 1
+    return base.clamp_min(0)
+
+
+def _drop_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keep-mask removing the ``counts[r]`` lowest scores of each row r."""
+    rows, cols = scores.shape
+    order = scores.argsort(dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
+    return rank >= counts.to(scores.device)[:, None]
+
+
+def keep_mask(
+    scores: torch.Tensor, labels: torch.Tensor, axis: int, sparsities: torch.Tensor, prior: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep-mask that removes ``sparsities[c]`` of cluster c's weights, the lowest scores first.
+
+    Args:
+        scores: ``[out, in]``, higher = keep.
+        labels: the cluster of each row (``axis`` 0: gate/up, a row per channel) or of each
+            column (``axis`` 1: down_proj, a column per channel).
+        prior: what earlier waves removed, removed first and never brought back (a group's
+            count is at least its prior removals).
+    """
+    if prior is not None:
+        scores = scores.masked_fill(~prior.to(scores.device), float("-inf"))
+    rows, cols = scores.shape
+    labels = labels.to(scores.device)
+    if axis == 0:
+        counts = (sparsities.to(scores.device)[labels] * cols).round().long()
+        if prior is not None:
+            counts = counts.maximum((~prior.to(scores.device)).sum(1))
+        mask = _drop_lowest(scores, counts)
+    else:
+        sizes = torch.bincount(labels, minlength=len(sparsities))
+        amounts = sparsities.double().cpu() * sizes.cpu()
+        per_cluster = _apportion(amounts, int(round(float(amounts.sum()))))
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        for c in range(len(sparsities)):
+            columns = (labels == c).nonzero().squeeze(1)
+            counts = torch.full((rows,), int(per_cluster[c]), dtype=torch.long, device=scores.device)
+            if prior is not None:
+                counts = counts.maximum((~prior.to(scores.device)[:, columns]).sum(1))
+            mask[:, columns] = _drop_lowest(scores[:, columns], counts)
+    return mask if prior is None else mask & prior.to(mask.device)
+
+
+def cluster_sparsity(mask: torch.Tensor, labels: torch.Tensor, axis: int, count: int) -> torch.Tensor:
+    """The share of each cluster's weights ``mask`` removes (rows or columns by ``axis``)."""
+    removed = (~mask).sum(1 - axis).double().cpu()
+    width = mask.shape[1 - axis]
+    sizes = torch.bincount(labels.cpu(), minlength=count).double() * width
+    return torch.zeros(count, dtype=torch.float64).index_add_(0, labels.cpu(), removed) / sizes.clamp_min(1)
+
+
+def removal_cost(
+    removed: torch.Tensor, cost: torch.Tensor, labels: torch.Tensor, axis: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cluster: the summed ``cost`` of the weights ``removed`` (bool) and how many."""
+    selected = (cost.double() * removed).sum(1 - axis).cpu()
+    number = removed.sum(1 - axis).double().cpu()
+    labels = labels.cpu()
+    zeros = torch.zeros(count, dtype=torch.float64)
+    return zeros.index_add(0, labels, selected), zeros.clone().index_add_(0, labels, number)

@@ -65,6 +65,28 @@ def _stop(state: GateState, wave: int, why: str, reason: str) -> Verdict:
     )
 
 
+def check(state: GateState, ppl: float, kl: float | None, config: Any) -> tuple[list[str], float, str]:
+    """What is wrong with a wave at ``ppl`` and ``kl`` (nothing: within the step and KL
+    limits), its rise over the reference, and what the reference is, in words."""
+    reference = state.reference_ppl
+    against = f"the accepted {reference:.3f} (wave {state.reference_wave})"
+    if config.reference == "accepted_or_dense" and state.dense_ppl > reference:
+        reference = state.dense_ppl
+        against = f"dense {reference:.3f} (the accepted wave {state.reference_wave} is below it)"
+    rise = ppl / reference - 1.0
+    problems = []
+    if ppl > reference * (1.0 + config.step_limit):
+        problems.append(f"perplexity {ppl:.3f} is {rise:+.1%} over {against}, limit {config.step_limit:+.0%}")
+    if config.kl_limit is not None and kl is not None and kl > config.kl_limit:
+        problems.append(f"KL {kl:.4f} over the limit {config.kl_limit}")
+    return problems, rise, against
+
+
+def give_up(state: GateState, wave: int, reason: str) -> Verdict:
+    """The recovery ladder reverted ``wave``: undo the waves since the accepted state, stop."""
+    return _stop(state, wave, "recovery", reason)
+
+
 def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any, fault: str | None = None) -> Verdict:
     """Judges a decay wave and updates ``state`` in place.
 
@@ -80,17 +102,7 @@ def judge(state: GateState, wave: int, ppl: float, kl: float | None, config: Any
         fault = f"KL to the dense model is {kl}"
     if fault is not None:
         return _stop(state, wave, "non-finite", f"non-finite: {fault}")
-    reference = state.reference_ppl
-    against = f"the accepted {reference:.3f} (wave {state.reference_wave})"
-    if config.reference == "accepted_or_dense" and state.dense_ppl > reference:
-        reference = state.dense_ppl
-        against = f"dense {reference:.3f} (the accepted wave {state.reference_wave} is below it)"
-    rise = ppl / reference - 1.0
-    problems = []
-    if ppl > reference * (1.0 + config.step_limit):
-        problems.append(f"perplexity {ppl:.3f} is {rise:+.1%} over {against}, limit {config.step_limit:+.0%}")
-    if config.kl_limit is not None and kl is not None and kl > config.kl_limit:
-        problems.append(f"KL {kl:.4f} over the limit {config.kl_limit}")
+    problems, rise, against = check(state, ppl, kl, config)
     if not problems:
         total = ppl / state.dense_ppl - 1.0
         if config.budget is not None and total > config.budget:

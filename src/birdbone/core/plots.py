@@ -139,7 +139,8 @@ _DECISION_STYLE = {
 def decay_figure(rows: list[dict[str, Any]], dense_ppl: float) -> Figure:
     """The decay curve: perplexity and KL to the dense model against sparsity, one point
     per wave (numbered), coloured by the gate's decision, in wave order."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    clustered = [r for r in rows if r.get("clusters")]
+    fig, axes = plt.subplots(1, 3 if clustered else 2, figsize=(19 if clustered else 13, 4.8))
     shown = [r for r in rows if r["decision"] != "skipped"]
     for ax, key, label in ((axes[0], "ppl", "validation perplexity"), (axes[1], "kl", "KL to dense (nats/token)")):
         ax.plot([100 * r["sparsity"] for r in shown], [r[key] for r in shown], color="gray", alpha=0.5, zorder=1)
@@ -165,8 +166,29 @@ def decay_figure(rows: list[dict[str, Any]], dense_ppl: float) -> Figure:
     axes[0].set_title("Decay waves: perplexity (numbers: wave)")
     axes[1].set_title("Decay waves: KL divergence from the dense model")
     axes[0].legend(fontsize=8)
+    if clustered:
+        _cluster_factors_panel(axes[2], clustered)
     fig.tight_layout()
     return fig
+
+
+def _cluster_factors_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Cluster-aware decay: the spread of the clusters' share factors in each wave (every
+    block's clusters together), and how many clusters spiked."""
+    factors = [[v for f in r["clusters"]["factors"].values() for v in f] for r in rows]
+    waves = [r["wave"] for r in rows]
+    ax.boxplot(factors, positions=waves, widths=0.5, showfliers=True)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    for wave, r, values in zip(waves, rows, factors, strict=True):
+        spiked = sum(len(c) for c in r["clusters"].get("spiked", {}).values())
+        if spiked:
+            ax.annotate(f"{spiked} spiked", (wave, max(values)), textcoords="offset points", xytext=(0, 6), fontsize=7)
+    ax.set(
+        xlabel="wave",
+        ylabel="cluster share / layer share",
+        title="Cluster-aware decay: each cluster's share factor per wave",
+    )
+    ax.grid(alpha=0.3)
 
 
 def heal_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:

@@ -1,12 +1,14 @@
 """Decay waves: prune a capped share, judge the result, keep it or undo it.
 
-One wave is five steps over a ``WaveState``, each a plain function the Kedro wave pipeline
-wraps as a node: ``decay`` (prune to this wave's target, keeping what earlier waves removed;
-or restore the next share of a gradual rollback), ``heal`` (LoRA, masks kept) and regrowth
-(their own modules), ``evaluate`` (validation perplexity and KL to the dense model's cached
-top-k logits), and ``gate`` (seals the wave's ``WaveDelta``, everything it changed, then
-the stop-loss in ``core.gate``; undoes waves from their deltas when it says so). Waves
-after the schedule ends, or after the gate stopped the decay, pass the state through
+One wave is six steps over a ``WaveState``, each a plain function the Kedro wave pipeline
+wraps as a node: ``decay`` (prune to this wave's target, keeping what earlier waves removed,
+each MLP cluster its own share with ``decay.clusters``; or restore the next share of a
+gradual rollback), ``heal`` (LoRA, masks kept) and regrowth (their own modules),
+``evaluate`` (validation perplexity and KL to the dense model's cached top-k logits),
+``recover`` (the recovery ladder of a wave that spiked, ``core.recovery``), and ``gate``
+(seals the wave's ``WaveDelta``, everything it changed, then the stop-loss in
+``core.gate``; undoes waves from their deltas when it says so). Waves after the schedule
+ends, or after the gate stopped the decay, pass the state through
 unchanged and say so in the table.
 
 States are chained by id: ``id_k = H(id_{k-1}, recipe, k)``; a wave directory whose id
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 
 from birdbone.core import evaluate
-from birdbone.core.gate import DECAY, ROLLBACK, STOPPED, GateState, judge, rollback_step
+from birdbone.core.gate import DECAY, ROLLBACK, STOPPED, GateState, give_up, judge, rollback_step
 from birdbone.core.io import sha256_json, write_json_atomic
 from birdbone.core.masks import DeltaHistory, MaskSet, WaveDelta
 from birdbone.core.prune import prune_
@@ -63,6 +65,13 @@ class WaveState:
     # the masks of the accepted state: what an undo returns to, exactly (weight deltas
     # cannot tell a weight that was already zero when masked, nor a regrown one)
     accepted: MaskSet | None = None
+    # cluster-aware decay: each block's cluster sensitivities measured by the last wave that
+    # pruned ({"sensitivity": {block: [...]}}, saved); the profile's clusters (not saved)
+    clusters: dict[str, Any] = field(default_factory=dict)
+    cluster_profile: Any = None
+    # the masks before this wave's decay, until ``gate`` (the recovery ladder restores to them)
+    prior: MaskSet | None = None
+    recovery_s: float = 0.0  # seconds the recovery ladder has spent over the decay (saved)
 
     def __post_init__(self) -> None:
         if self.accepted is None:
@@ -127,6 +136,7 @@ def decay(
     calibration: torch.Tensor,
     importance: dict[str, torch.Tensor] | None,
     device: torch.device | str = "cpu",
+    cluster_profile: Any = None,
 ) -> WaveState:
     """Wave ``wave``'s pruning (or its share of a rollback, or nothing), in place.
 
@@ -134,12 +144,15 @@ def decay(
         config: the ``DecayConfig``.
         importance: per-Linear input-column norms from the profile (``<name>.weight`` ->
             vector), ordering removed weights for a gradual rollback; None: by |W|.
+        cluster_profile: a ``cluster_decay.ClusterProfile`` when ``config.clusters`` is on.
     """
     targets = config.wave_targets()
     state.wave = wave
     state.importance = importance
+    state.cluster_profile = cluster_profile
     start_time = time.perf_counter()
-    state.current = {"wave": wave, "target_sparsity": targets[wave - 1] if wave <= len(targets) else None}
+    target = wave_target(config, wave, targets, state.masks.overall_sparsity())
+    state.current = {"wave": wave, "target_sparsity": target}
     if state.gate.phase == ROLLBACK:
         assert state.rollback is not None
         part, parts, last = rollback_step(state.gate)
@@ -151,7 +164,7 @@ def decay(
             assert state.accepted is not None
             state.masks = state.accepted.copy()
         log.info("wave %d: restored part %d of %d (%d weights)", wave, part + 1, parts, restored)
-    elif state.gate.phase == STOPPED or wave > len(targets):
+    elif state.gate.phase == STOPPED or target is None:
         why = f"decay stopped ({state.gate.stop_reason})" if state.gate.phase == STOPPED else "schedule complete"
         if state.gate.pending:  # strikes short of the count: not reverted, not accepted either
             waves_ = ", ".join(map(str, state.gate.pending))
@@ -161,8 +174,12 @@ def decay(
             )
         state.current.update(action="skip", reason=why)
     else:
+        assert target is not None
         before = {name: w.detach().clone() for name, w in state.linears().items()}
-        pattern = wave_pattern(config, wave, targets, state.bundle)
+        if wave <= len(targets) and target == targets[wave - 1]:
+            pattern = wave_pattern(config, wave, targets, state.bundle)
+        else:  # capped after a recovery restored weights, or catching up after the schedule
+            pattern = config.pattern.model_copy(update={"sparsity": target})
         dtype = autocast_dtype(config.compute_dtype)
         if config.structured:
             state.current.update(target_sparsity=None, target_units=describe(pattern))
@@ -170,6 +187,10 @@ def decay(
                 state.bundle, pattern, calibration, config.batch_size, device, dtype, config.method, state.masks
             )
         else:
+            ratios = _layer_ratios(config, state, target, calibration, device)
+            quotas = _cluster_quotas(
+                config, state, ratios or [target] * len(state.bundle.adapter.blocks(state.bundle.model))
+            )
             masks, report = prune_(
                 state.bundle,
                 config.method,
@@ -179,12 +200,16 @@ def decay(
                 device,
                 {"sparsegpt": config.sparsegpt, "gradient": config.gradient}.get(config.method),
                 dtype,
-                layer_ratios=_layer_ratios(config, state, targets[wave - 1], calibration, device),
+                layer_ratios=ratios,
                 prior=state.masks,
+                cluster_quotas=quotas,
             )
         removed = sum(state.masks.kept(n) for n in state.masks) - sum(masks.kept(n) for n in masks)
-        state.before, state.masks = before, masks  # the wave's delta is sealed after healing, in ``gate``
+        # the wave's delta is sealed after healing, in ``gate``
+        state.before, state.prior, state.masks = before, state.masks, masks
         state.current.update(action="decay", removed=removed, prune_report=_brief(report))
+        if state.cluster_profile is not None and config.clusters.enabled:
+            _measure_clusters(state, config)
         log.info(
             "wave %d: %s to %.4f sparsity (%d weights removed)", wave, config.method, masks.overall_sparsity(), removed
         )
@@ -249,6 +274,63 @@ def regrow(state: WaveState, config: Any, healing: torch.Tensor, device: torch.d
     return state
 
 
+def wave_target(config: Any, wave: int, targets: list[float], sparsity: float) -> float | None:
+    """What wave ``wave`` prunes to (None: nothing, the schedule is done): the schedule's
+    target. With the recovery ladder, which can restore weights, a wave never removes more
+    than the cap of what is left, and waves after the schedule catch up to the final target."""
+    if not config.recovery.enabled or config.structured or config.pattern.kind != "unstructured":
+        return targets[wave - 1] if wave <= len(targets) else None
+    scheduled = targets[wave - 1] if wave <= len(targets) else config.target
+    if sparsity >= config.target - 5e-3 and wave > len(targets):  # reached, up to per-row rounding
+        return None
+    return max(sparsity, min(scheduled, 1.0 - (1.0 - sparsity) * (1.0 - config.cap)))
+
+
+def _cluster_quotas(config: Any, state: WaveState, block_targets: list[float]) -> dict[str, Any] | None:
+    """Each MLP Linear's per-cluster sparsities for this wave (``cluster_decay.plan``), and
+    the factors behind them in the wave's row; None with clusters off."""
+    from birdbone.core import cluster_decay
+
+    if state.cluster_profile is None or not config.clusters.enabled:
+        return None
+    sensitivity = {int(k): v for k, v in state.clusters.get("sensitivity", {}).items()} or None
+    quotas, factors = cluster_decay.plan(
+        state.cluster_profile, state.masks, config.clusters, block_targets, sensitivity
+    )
+    values = [v for f in factors.values() for v in f]
+    state.current["clusters"] = {"factors": {str(i): f for i, f in factors.items()}}
+    log.info(
+        "wave %d: cluster shares x%.2f to x%.2f of each MLP layer's (%s)",
+        state.wave,
+        min(values),
+        max(values),
+        "usage and the last wave's sensitivity" if sensitivity else "usage; no wave measured yet",
+    )
+    return quotas
+
+
+def _measure_clusters(state: WaveState, config: Any) -> None:
+    """Prices what this wave removed from each cluster, for the next wave's factors."""
+    from birdbone.core import cluster_decay
+
+    assert state.before is not None and state.prior is not None
+    sensitivity = cluster_decay.measure(state.cluster_profile, state.before, state.prior, state.masks)
+    spikes = cluster_decay.spiked(sensitivity, config.clusters.spike)
+    state.clusters["sensitivity"] = {str(i): v for i, v in sensitivity.items()}
+    record = state.current.setdefault("clusters", {})
+    record.update(sensitivity=state.clusters["sensitivity"], spiked={str(i): c for i, c in spikes.items()})
+    log.info(
+        "wave %d: cluster sensitivity per removed weight x%.2f to x%.2f of the block's mean; %d cluster(s) spiked "
+        "(over x%.2f)%s",
+        state.wave,
+        min(min(v) for v in sensitivity.values()),
+        max(max(v) for v in sensitivity.values()),
+        sum(len(c) for c in spikes.values()),
+        config.clusters.spike,
+        "" if state.cluster_profile.gradients else " [priced by |W| ||X||: the profile has no gradients]",
+    )
+
+
 def _layer_ratios(
     config: Any, state: WaveState, target: float, calibration: torch.Tensor, device: Any
 ) -> list[float] | None:
@@ -287,7 +369,7 @@ def seal(state: WaveState) -> WaveDelta:
     assert state.before is not None, "seal() needs a wave that decayed"
     now = {n: w.detach() for n, w in state.linears().items()}
     delta = WaveDelta.between(state.before, now, state.importance)
-    state.before = None
+    state.before = state.prior = None
     state.pending.record(state.wave, delta)
     return delta
 
@@ -321,8 +403,16 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
             decision, reason = "rolling back", share
     else:
         seal(state)
-        verdict = judge(state.gate, wave, ppl, kl, config.gate, fault=non_finite(state))
+        fault = non_finite(state)
+        ladder = [step["step"] for step in current.get("recovery", []) if "ppl" in step]
+        if current.get("reverted") and fault is None:
+            tried = ", ".join(ladder[:-1]) or "nothing before it"
+            verdict = give_up(state.gate, wave, f"recovery ladder reverted the wave (tried: {tried})")
+        else:
+            verdict = judge(state.gate, wave, ppl, kl, config.gate, fault=fault)
         decision, reason = verdict.decision, verdict.reason
+        if ladder and not current.get("reverted"):
+            reason = f"after recovery ({', '.join(ladder)}): {reason}"
         assert state.accepted is not None
         if verdict.undo_now:
             state.pending.undo_(state.bundle.model, min(verdict.undo_now))
@@ -342,7 +432,7 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
         seconds={k.removeprefix("seconds_"): round(v, 2) for k, v in current.items() if k.startswith("seconds_")},
         phase=state.gate.phase,
     )
-    for key in ("target_units", "heal", "regrow"):
+    for key in ("target_units", "heal", "regrow", "clusters", "recovery"):
         if action == "decay" and key in current:
             row[key] = current[key]
     if decision == "reverted" and action == "decay":
@@ -393,6 +483,8 @@ def save_state(state: WaveState, directory: Path, model_from: Path | None = None
             "pending": sorted(state.pending.waves),
             "rollback": state.rollback is not None,
             "owl_final": state.owl_final,
+            "clusters": state.clusters,
+            "recovery_s": state.recovery_s,
             "rows": state.rows,
         },
     )
@@ -425,6 +517,8 @@ def load_state(directory: Path, dtype: torch.dtype = torch.float32) -> WaveState
         info["rows"],
         info["owl_final"],
         accepted=MaskSet.load(directory / "masks_accepted.safetensors"),
+        clusters=info.get("clusters", {}),
+        recovery_s=info.get("recovery_s", 0.0),
     )
 
 

@@ -30,6 +30,7 @@ def prune_(
     compute_dtype: torch.dtype | None = None,
     layer_ratios: Any = None,
     prior: MaskSet | None = None,
+    cluster_quotas: dict[str, Any] | None = None,
 ) -> tuple[MaskSet, dict[str, Any]]:
     """Prunes every decoder-block Linear of ``bundle.model`` in place.
 
@@ -44,6 +45,8 @@ def prune_(
             or a list of per-block sparsities.
         prior: keep-masks of earlier waves; what they removed stays removed and counts
             towards the target (which must not be below the sparsity already reached).
+        cluster_quotas: ``{'<linear>.weight': (labels, axis, sparsities)}``: those Linears
+            remove each cluster's own share (``core.cluster_decay.plan``); unstructured only.
 
     Returns:
         The keep-masks, and a report (method, pattern, achieved sparsity, seconds).
@@ -78,7 +81,10 @@ def prune_(
             i: pattern.model_copy(update={"sparsity": float(s)}) for i, s in enumerate(layer_ratios)
         }
         report["block_sparsity"] = [float(s) for s in layer_ratios]
+    if cluster_quotas and (pattern.kind != "unstructured" or not pruner.ranks_scores):
+        raise PruneError(f"per-cluster shares need an unstructured pattern and a score-ranking method, not {method}")
     pruner.prior = prior
+    pruner.cluster_quotas = cluster_quotas or {}
     pruner.prepare(bundle, calibration, device)
     calibration_walk(bundle, calibration, pruner, batch_size, device, f"{method} pruning", compute_dtype)  # type: ignore[arg-type]
     report = {

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from birdbone.core import clusters
 from birdbone.core.masks import MaskSet, zero_masked_
 from birdbone.core.prune.patterns import check_mask, keep_mask
 from birdbone.core.walk import InputStats
@@ -38,6 +39,7 @@ class LayerPruner:
     needs_gram: ClassVar[bool] = False
     needs_frequency: ClassVar[bool] = False
     group: ClassVar[str] = "row"
+    ranks_scores: ClassVar[bool] = True  # masks come from ``scores`` (SparseGPT's come with a weight update)
 
     def __init__(self, pattern: Any, prefix: str, options: Any = None):
         self.pattern = pattern
@@ -46,6 +48,8 @@ class LayerPruner:
         self.masks = MaskSet()
         self.block_patterns: dict[int, Any] = {}  # per-block targets (OWL); default: ``pattern``
         self.prior: MaskSet | None = None  # masks of earlier waves: what they removed stays removed
+        # per-cluster shares of some Linears (``core.cluster_decay``): name -> (labels, axis, sparsities)
+        self.cluster_quotas: dict[str, Any] = {}
 
     @property
     def needs_calibration(self) -> bool:
@@ -58,8 +62,14 @@ class LayerPruner:
     def scores(self, linear: nn.Linear, stats: InputStats | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def mask_from(self, scores: torch.Tensor, pattern: Any, prior: torch.Tensor | None) -> torch.Tensor:
-        """The keep-mask for ``scores``; weights ``prior`` already removed are removed first."""
+    def mask_from(
+        self, scores: torch.Tensor, pattern: Any, prior: torch.Tensor | None, name: str | None = None
+    ) -> torch.Tensor:
+        """The keep-mask for ``scores``; weights ``prior`` already removed are removed first.
+        A Linear with cluster quotas removes each cluster's own share instead."""
+        if name in self.cluster_quotas:
+            labels, axis, sparsities = self.cluster_quotas[name]
+            return clusters.keep_mask(scores, labels, axis, sparsities, prior)
         if prior is not None:
             scores = scores.masked_fill(~prior.to(scores.device), float("-inf"))
         mask = keep_mask(scores, pattern, self.group)
@@ -71,7 +81,7 @@ class LayerPruner:
     ) -> torch.Tensor:
         """Masks the layer in place under ``pattern`` (keeping ``prior``'s removals) and
         returns its keep-mask."""
-        mask = self.mask_from(self.scores(linear, stats), pattern, prior)
+        mask = self.mask_from(self.scores(linear, stats), pattern, prior, name)
         zero_masked_(linear.weight.data, mask)
         return mask
 

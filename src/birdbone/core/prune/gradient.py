@@ -39,6 +39,6 @@ class GradientPruner(LayerPruner):
         self, linear: nn.Linear, stats: Any, name: str, pattern: Any, prior: torch.Tensor | None = None
     ) -> torch.Tensor:
         grad = self.gradients[name].to(linear.weight.device)
-        mask = self.mask_from(linear.weight.detach().abs().float() * grad, pattern, prior)
+        mask = self.mask_from(linear.weight.detach().abs().float() * grad, pattern, prior, name)
         zero_masked_(linear.weight.data, mask)
         return mask

@@ -125,6 +125,7 @@ class SparseGPTPruner(LayerPruner):
 
     needs_inputs = True
     needs_gram = True
+    ranks_scores = False
 
     @torch.no_grad()
     def prune_linear(

@@ -18,14 +18,14 @@ import torch
 from matplotlib.figure import Figure
 
 from birdbone.config import DecayConfig, HealConfig, QuantizeConfig, RegrowConfig, validate_recipe
-from birdbone.core import evaluate, modeling, plots, structure, waves
+from birdbone.core import cluster_decay, evaluate, modeling, plots, recovery, structure, waves
 from birdbone.core.heal import check_heal
 from birdbone.core.io import sha256_json
 from birdbone.core.prune.structured import compact_
 from birdbone.core.quantize import check_quantize
 from birdbone.datasets import SIDECAR, WaveHandle
 from birdbone.pipelines import runtime
-from birdbone.pipelines.heal.nodes import heal_series
+from birdbone.pipelines.heal.nodes import heal_series, heal_teacher_for
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,11 @@ def decay_wave(
     device = runtime(run)
     state = previous.state()
     state.bundle.model.to(device)
-    state = waves.decay(state, wave, config, calibration, importance or None, device)
+    clustered = None
+    if config.clusters.enabled:
+        blocks_count = len(state.bundle.adapter.blocks(state.bundle.model))
+        clustered = cluster_decay.from_profile(profile, state.bundle.adapter, blocks_count)
+    state = waves.decay(state, wave, config, calibration, importance or None, device, clustered)
     if state.current["action"] == "skip":
         state.current["model_from"] = previous.path  # the same model: link the previous wave's files
     return state
@@ -140,6 +144,35 @@ def evaluate_wave(
     return waves.evaluate_state(state, blocks["validation"], teacher, batch, runtime(run))
 
 
+def recover_wave(
+    state: waves.WaveState | WaveHandle,
+    blocks: dict[str, torch.Tensor],
+    teacher: dict[str, torch.Tensor],
+    heal_teacher: dict[str, torch.Tensor],
+    decay: dict[str, Any],
+    heal: dict[str, Any],
+    run: dict[str, Any],
+) -> waves.WaveState | WaveHandle:
+    """The recovery ladder, when the wave spiked and ``decay.recovery`` is on."""
+    if isinstance(state, WaveHandle):
+        return state
+    config = DecayConfig.model_validate(decay)
+    if not config.recovery.enabled:
+        return state
+    heal_config = HealConfig.model_validate(heal)
+    return recovery.recover(
+        state,
+        config,
+        heal_config,
+        len(config.wave_targets()),
+        blocks["healing"],
+        heal_teacher_for(heal_config, heal_teacher),
+        blocks["validation"],
+        teacher,
+        runtime(run),
+    )
+
+
 def gate_wave(
     state: waves.WaveState | WaveHandle, decay: dict[str, Any], heal: dict[str, Any], regrow: dict[str, Any]
 ) -> tuple[waves.WaveState | WaveHandle, dict[str, Any]]:
@@ -163,9 +196,27 @@ def wave_metrics(row: dict[str, Any]) -> dict[str, Any]:
         "wave.params": row["params"],
         "wave.decision_code": DECISION_CODES[row["decision"]],
         "wave.seconds": sum(row.get("seconds", {}).values()),
-        "tags": {f"wave.{row['wave']}.decision": f"{row['decision']}: {row['reason']}"[:4000]},
+        **cluster_metrics(row),
+        "tags": {
+            f"wave.{row['wave']}.decision": f"{row['decision']}: {row['reason']}"[:4000],
+            **({f"wave.{row['wave']}.recovery": json.dumps(row["recovery"])[:4000]} if row.get("recovery") else {}),
+        },
         "series": heal_series(f"heal.wave_{row['wave']}", row.get("heal")),
     }
+
+
+def cluster_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """A wave's cluster shares and recovery steps as MLflow metrics (absent when off)."""
+    metrics: dict[str, float] = {}
+    clusters = row.get("clusters")
+    if clusters:
+        factors = [v for f in clusters["factors"].values() for v in f]
+        metrics.update({"wave.clusters.factor_min": min(factors), "wave.clusters.factor_max": max(factors)})
+        metrics["wave.clusters.spiked"] = sum(len(c) for c in clusters.get("spiked", {}).values())
+    if row.get("recovery"):
+        metrics["wave.recovery.steps"] = len([s for s in row["recovery"] if "seconds" in s])
+        metrics["wave.recovery.seconds"] = sum(s.get("seconds", 0.0) for s in row["recovery"])
+    return metrics
 
 
 def compact_decay(last: WaveHandle) -> modeling.ModelBundle:

@@ -1,5 +1,5 @@
 """Wiring of the decay pipeline: the teacher cache and wave 0, then one wave pipeline
-(decay -> heal -> regrow -> evaluate -> gate) instantiated per wave under the namespace
+(decay -> heal -> regrow -> evaluate -> recover -> gate) instantiated per wave under the namespace
 ``wave_<k>``. Waves hand over through ``wave_<k>.state`` (a directory under
 ``models/waves``), never through memory; inside a wave the state passes by reference."""
 
@@ -50,8 +50,14 @@ def wave_template() -> Pipeline:
                 name="evaluate",
             ),
             Node(
+                nodes.recover_wave,
+                ["live_evaluated", "blocks", "teacher", "heal_teacher", "params:decay", "params:heal", "params:run"],
+                "live_recovered",
+                name="recover",
+            ),
+            Node(
                 nodes.gate_wave,
-                ["live_evaluated", "params:decay", "params:heal", "params:regrow"],
+                ["live_recovered", "params:decay", "params:heal", "params:regrow"],
                 ["state", "wave_metrics"],
                 name="gate",
             ),

@@ -32,7 +32,7 @@ def heal_series(prefix: str, heal: dict[str, Any] | None) -> dict[str, list[tupl
     return out
 
 
-def _teacher(config: HealConfig, heal_teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+def heal_teacher_for(config: HealConfig, heal_teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     return heal_teacher if config.distill > 0 and heal_teacher else None
 
 
@@ -63,7 +63,9 @@ def heal_wave(
     config = HealConfig.model_validate(heal)
     total = len(DecayConfig.model_validate(decay).wave_targets())
     validation = blocks["validation"]
-    return waves.heal(state, config, total, blocks["healing"], _teacher(config, heal_teacher), validation, runtime(run))
+    return waves.heal(
+        state, config, total, blocks["healing"], heal_teacher_for(config, heal_teacher), validation, runtime(run)
+    )
 
 
 def heal_final(
@@ -97,7 +99,7 @@ def heal_final(
         config,
         config.final.steps,
         config.final.lr,
-        _teacher(config, heal_teacher),
+        heal_teacher_for(config, heal_teacher),
         blocks["validation"],
         device,
         desc="final heal (fake-quant)" if grids is not None else "final heal",
