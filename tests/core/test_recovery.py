@@ -76,6 +76,17 @@ def test_a_step_that_brings_the_wave_back_ends_the_ladder_and_the_wave_is_kept(t
     assert waves.wave_target(config, 9, config.wave_targets(), 0.5) is None
 
 
+def test_a_non_finite_wave_is_left_to_the_gates_emergency_stop(tiny_bundle):
+    config = _config(["heal", "revert"])
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    waves.decay(state, 1, config, blocks_of(4, 512, length=32, seed=1), None)
+    for ppl, kl in ((float("inf"), 0.1), (float("nan"), 0.1), (12.0, float("nan"))):
+        state.current.update(ppl=ppl, kl=kl)
+        assert recovery.needs_recovery(state, config) == []
+    state.current.update(ppl=12.0, kl=0.1)
+    assert recovery.needs_recovery(state, config)  # a finite spike is
+
+
 def test_regrow_restores_only_the_spiking_clusters_weights_at_their_old_values(tiny_bundle):
     config_profile = ProfileConfig(blocks=8, gradient_blocks=2, clusters={"enabled": True, "count": 4, "dims": 8})
     tensors, _ = profile_usage(tiny_bundle, blocks_of(8, 512, length=32), config_profile)

@@ -19,6 +19,7 @@ against ``budget_s`` over the whole decay; a step that would start past it is sk
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -35,6 +36,8 @@ def needs_recovery(state: Any, config: Any) -> list[str]:
     current = state.current
     if not config.recovery.enabled or current.get("action") != "decay":
         return []
+    if not math.isfinite(current["ppl"]) or not math.isfinite(current["kl"] or 0.0):
+        return []  # NaN or inf: the gate's emergency stop, not something to heal
     return check(state.gate, current["ppl"], current["kl"], config.gate)[0]
 
 
