@@ -232,5 +232,5 @@ def removal_cost(
     selected = (cost.double() * removed).sum(1 - axis).cpu()
     number = removed.sum(1 - axis).double().cpu()
     labels = labels.cpu()
-    zeros = torch.zeros(count, dtype=torch.float64)
-    return zeros.index_add(0, labels, selected), zeros.clone().index_add_(0, labels, number)
+    per_cluster = torch.zeros(count, dtype=torch.float64)
+    return per_cluster.index_add(0, labels, selected), per_cluster.index_add(0, labels, number)

@@ -217,7 +217,7 @@ class WaveDelta:
             removed = changed & (new_flat == 0) & (old_flat != 0)  # a zero whose sign flipped was not removed
             updated = changed & ~removed
             idx = removed.nonzero().reshape(-1)
-            score = _scores(name, old_flat[idx], idx, importance)
+            score = removal_scores(name, old_flat[idx], idx, importance)
             idx = idx[torch.argsort(-score, stable=True)]
             up = updated.nonzero().reshape(-1)
             if up.numel() * 3 > old_flat.numel():  # most weights moved (healing): every old value, no index
@@ -243,7 +243,7 @@ class WaveDelta:
         ids, scores = {}, {}
         for name, delta in self.params.items():
             ids[name] = unit_of(name, delta.removed_index).long()
-            scores[name] = _scores(name, delta.removed_value, delta.removed_index, importance).double()
+            scores[name] = removal_scores(name, delta.removed_value, delta.removed_index, importance).double()
         if not ids or not sum(i.numel() for i in ids.values()):
             self.units = 0
             return
@@ -362,7 +362,7 @@ class DeltaHistory:
         return WaveDelta.between(before, now, importance)
 
 
-def _scores(
+def removal_scores(
     name: str, values: torch.Tensor, index: torch.Tensor, importance: Mapping[str, torch.Tensor] | None
 ) -> torch.Tensor:
     """Importance of removed weights (their values before, at flat ``index``): |W|, times

@@ -7,7 +7,7 @@ until one brings the wave within the limits (see ``config.RecoveryConfig``):
 - ``heal``: more LoRA healing steps, masks kept;
 - ``regrow``: restore a share of what the wave removed from each block's most sensitive
   MLP cluster (with clusters off: from every Linear), the most useful weights first
-  (|W| ||X_j||, the weights' values from before the wave);
+  (|W| ||X_j||, ``masks.removal_scores``, the order a gradual rollback restores in);
 - ``rollback``: restore a share of everything the wave still has removed, same order;
 - ``revert``: restore the wave entirely; the gate then stops the decay (``gate.give_up``).
 
@@ -27,6 +27,7 @@ import torch
 
 from birdbone.core import evaluate
 from birdbone.core.gate import check
+from birdbone.core.masks import removal_scores
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,13 @@ def restore_(state: Any, fraction: float, only: dict[int, int] | None = None) ->
                 continue
             members = (profile.labels[block] == only[block]).to(removed.device)
             removed = removed & (members[:, None] if axis == 0 else members[None, :])
-        count = int(round(fraction * int(removed.sum())))
+        index = removed.cpu().reshape(-1).nonzero().squeeze(1)
+        count = int(round(fraction * index.numel()))
         if count == 0:
             continue
         before = state.before[name]
-        useful = before.abs().float()
-        if state.importance is not None and name in state.importance:
-            useful = useful * state.importance[name].float().to(useful.device)[None, :]
-        useful = useful.masked_fill(~removed, float("-inf")).reshape(-1)
-        chosen = useful.topk(count).indices
+        useful = removal_scores(name, before.cpu().reshape(-1)[index], index, state.importance)
+        chosen = index[useful.topk(count).indices].to(weight.device)
         mask = state.masks[name].clone().reshape(-1)
         mask[chosen] = True
         state.masks[name] = mask.reshape(weight.shape)
