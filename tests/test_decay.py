@@ -94,3 +94,31 @@ def test_structured_waves_end_in_a_compacted_model_that_computes_the_same(projec
 def test_a_wave_config_that_cannot_reach_its_target_is_named(project):
     with pytest.raises(ConfigError, match=r"decay = .*above the cap 20%\. Fix: at least 4 waves"):
         run(project, decay={"waves": 2})
+
+
+def test_cluster_aware_waves_heal_by_bundles_and_climb_the_recovery_ladder(project):
+    run(
+        project,
+        profile={"clusters": {"enabled": True, "count": 4, "dims": 8}},
+        decay={"clusters": {"enabled": True}, "recovery": {"enabled": True}, "gate": {"kl_limit": 1e-6}},
+        heal={"bundles": {"enabled": True, "count": 2}},
+        quantize={"enabled": False},
+        export={"enabled": False},
+    )
+    rows = json.loads((project / "data/08_reporting/decay.json").read_text())["waves"]
+    pruned = [r for r in rows[1:] if r.get("clusters")]
+    assert pruned and all(set(r["clusters"]) == {"factors", "sensitivity", "spiked"} for r in pruned)
+    healed = [r["heal"] for r in rows[1:] if r.get("heal")]
+    assert healed and all(len(h["bundles"]) == 2 for h in healed)
+    assert all(h["steps"] == sum(b["steps"] for b in h["bundles"]) for h in healed)
+    # no step brings the KL under 1e-6: the whole ladder runs, the revert goes back to dense, the decay stops
+    steps = rows[1]["recovery"]
+    assert [s["step"] for s in steps] == ["heal", "regrow", "rollback", "revert"]
+    assert all({"ppl", "kl", "sparsity", "seconds", "outcome"} <= set(s) for s in steps)
+    assert steps[0]["sparsity"] > steps[1]["sparsity"] > steps[2]["sparsity"] > steps[3]["sparsity"] == 0.0
+    assert set(steps[1]["clusters"]) == {"0", "1"}  # regrowth in each block's spiking cluster
+    assert steps[3]["ppl"] == rows[0]["ppl"] and steps[3]["outcome"] == "reverted"
+    assert rows[1]["decision"] == "reverted" and "recovery ladder reverted" in rows[1]["reason"]
+    assert json.loads((project / "data/08_reporting/decay.json").read_text())["final"]["stop_reason"] == "recovery"
+    runs = mlflow_runs(project)
+    assert {"metrics.wave.clusters.factor_min", "metrics.wave.recovery.steps"} <= set(runs.columns)

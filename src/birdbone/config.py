@@ -795,6 +795,19 @@ class FinalHealConfig(Stage):
     fake_quant: bool = False
 
 
+class HealBundlesConfig(Stage):
+    """Bundle-by-bundle healing (the seeds' "one-bundle activation per wave"): a wave's
+    healing adapts, one bundle after another, only the MLP channels of the profile's clusters
+    it removed the most from. Bundle j holds each block's j-th most pruned cluster of this
+    wave; each bundle gets an equal share of the wave's steps (the same compute as whole
+    healing), and its LoRA update is confined to those channels (rows of gate_proj/up_proj,
+    columns of down_proj), so the rest of the model is left exactly as pruned. Attention
+    Linears are not healed in the waves (the final heal still adapts every target)."""
+
+    enabled: bool = False
+    count: PositiveInt = 2  # bundles healed per wave, one at a time
+
+
 class HealConfig(Stage):
     """LoRA healing inside each wave (before the gate judges it) and once at the end. The
     adapters are merged into the weights and the masks re-applied, so healing never
@@ -816,6 +829,7 @@ class HealConfig(Stage):
           distill: 0.0           # weight of the KL to the dense teacher's top-k logits (0: off)
           quantize: none         # nf4: QLoRA, 4-bit base weights (CUDA + bitsandbytes)
           gradient_checkpointing: false  # true: recompute activations in the backward pass (less memory, slower)
+          bundles: {enabled: false, count: 2}  # true: heal only the clusters each wave pruned most, one at a time
           final: {steps: 64, lr: 2.0e-4}
     """
 
@@ -842,6 +856,7 @@ class HealConfig(Stage):
     seed: int = 0
     final: FinalHealConfig = FinalHealConfig()
     gating: GatingConfig = GatingConfig()
+    bundles: HealBundlesConfig = HealBundlesConfig()
 
     def wave_schedule(self, wave: int, waves: int) -> tuple[int, float]:
         """(steps, learning rate) of wave ``wave`` of ``waves``: the seed's taper
@@ -1144,6 +1159,18 @@ class Recipe(Stage):
                 "decay.clusters shares each wave's removal among the profile's MLP-channel clusters, but "
                 "profile.clusters.enabled is false, so there are none. Fix: profile.clusters.enabled: true"
             )
+        if self.heal.enabled and self.heal.bundles.enabled:
+            if not self.profile.clusters.enabled:
+                raise ValueError(
+                    "heal.bundles heals the profile's MLP-channel clusters one at a time, but "
+                    "profile.clusters.enabled is false, so there are none. Fix: profile.clusters.enabled: true"
+                )
+            if self.decay.structured:
+                raise ValueError(
+                    f"heal.bundles follows the clusters' channels through the masks, but decay.pattern "
+                    f"{self.decay.pattern.kind} removes whole units. Fix: heal.bundles.enabled: false, or an "
+                    "unstructured or N:M pattern"
+                )
         if self.decay.recovery.enabled and "heal" in self.decay.recovery.ladder and not self.heal.enabled:
             raise ValueError(
                 "decay.recovery.ladder starts with extra healing, but heal.enabled is false. "

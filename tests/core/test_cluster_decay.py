@@ -101,3 +101,50 @@ def test_cluster_decay_without_profile_clusters_names_the_fix(tiny_bundle):
 
     with pytest.raises(PruneError, match="profile.clusters.enabled: true"):
         cluster_decay.from_profile({}, tiny_bundle.adapter, 2)
+
+
+def test_bundle_healing_adapts_only_the_most_pruned_clusters_channels_one_at_a_time(clustered):
+    from birdbone.config import HealConfig
+
+    bundle, profile = clustered
+    config = DecayConfig(
+        method="wanda",
+        pattern={"kind": "unstructured", "sparsity": 0.5},
+        cap=0.3,
+        gate={"budget": None},
+        clusters={"enabled": True, "bounds": [0.5, 1.5], "strength": 1.0},
+    )
+    state = waves.start(bundle, {"ppl": 10.0}, "origin")
+    waves.decay(state, 1, config, blocks_of(4, 512, length=32, seed=1), None, "cpu", profile)
+    pruned = {n: w.detach().clone() for n, w in state.linears().items()}
+    chosen = cluster_decay.bundles(profile, state.prior, state.masks, 2)
+    heal = HealConfig(
+        steps=6, lr=5e-2, eval_every=0, distill=0.0, pool_blocks=8, block_length=32, bundles={"enabled": True}
+    )
+    waves.heal(state, heal, 1, blocks_of(8, 512, length=32, seed=3), None, None, "cpu")
+    report = state.current["heal"]
+    assert [b["steps"] for b in report["bundles"]] == [3, 3] and report["steps"] == 6 and report["merged"]
+    assert [b["clusters"] for b in report["bundles"]] == [{str(i): c for i, c in b.clusters.items()} for b in chosen]
+    for i in range(2):  # bundle 1 holds each block's cluster the wave took most from, bundle 2 the next
+        removed = torch.zeros(profile.count, dtype=torch.float64)
+        for name, (block, axis) in profile.axes.items():
+            if block == i:
+                gone = state.prior[name] & ~state.masks[name]
+                removed += clusters.removal_cost(gone, torch.ones(1, 1), profile.labels[i], axis, profile.count)[1]
+        assert removed[chosen[0].clusters[i]] == removed.max() >= removed[chosen[1].clusters[i]]
+    healed = set()
+    for name, weight in state.linears().items():
+        changed = weight.detach() != pruned[name]
+        assert not bool((changed & ~state.masks[name]).any())  # pruned weights stay zero
+        if name not in profile.axes:  # attention: not healed in bundle mode
+            assert not bool(changed.any()), name
+            continue
+        block, axis = profile.axes[name]
+        members = torch.zeros(profile.labels[block].shape, dtype=torch.bool)
+        for b in chosen:
+            members |= profile.labels[block] == b.clusters[block]
+        inside = members[:, None] if axis == 0 else members[None, :]
+        assert not bool((changed & ~inside).any()), name  # outside the bundles: bit for bit as pruned
+        if bool(changed.any()):
+            healed.add(name)
+    assert healed == set(profile.axes)  # every MLP Linear of every block was healed inside its bundles

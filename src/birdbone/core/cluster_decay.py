@@ -46,7 +46,8 @@ def from_profile(profile: dict[str, torch.Tensor], adapter: Any, blocks: int) ->
         key = f"{prefix}.{adapter.mlp_path}.clusters"
         if key not in profile:
             raise PruneError(
-                f"decay.clusters needs the profile's MLP-channel clusters, but the profile has no {key}. "
+                f"decay.clusters and heal.bundles need the profile's MLP-channel clusters, but the profile "
+                f"has no {key}. "
                 "Fix: profile.clusters.enabled: true (and rerun the profile stage)"
             )
         labels[i] = profile[key].long()
@@ -123,3 +124,37 @@ def spiked(sensitivity: dict[int, list[float]], threshold: float) -> dict[int, l
     """The clusters of each block whose sensitivity passed ``threshold`` (x the block's mean)."""
     out = {i: [c for c, v in enumerate(values) if v > threshold] for i, values in sensitivity.items()}
     return {i: c for i, c in out.items() if c}
+
+
+@dataclass
+class Bundle:
+    """One healing bundle: a cluster of MLP channels in each of some blocks."""
+
+    clusters: dict[int, int]  # block -> cluster
+    removed: dict[int, int]  # block -> weights this wave removed from that cluster
+    confine: dict[str, torch.Tensor]  # Linear's full name -> 0/1 mask broadcast over its weight
+
+
+def bundles(profile: ClusterProfile, prior: Any, masks: Any, count: int) -> list[Bundle]:
+    """The ``count`` bundles a wave heals, one at a time: bundle j holds each block's
+    cluster with the j-th most weights removed by this wave (``prior`` -> ``masks``; blocks
+    with fewer pruned clusters sit out). A bundle confines LoRA to its channels: rows of the
+    Linears whose outputs are the channels, columns of the one that reads them."""
+    removed: dict[int, torch.Tensor] = {}
+    for name, (i, axis) in profile.axes.items():
+        gone = prior[name].cpu() & ~masks[name].cpu()
+        _, number = clusters.removal_cost(gone, torch.ones(gone.shape), profile.labels[i], axis, profile.count)
+        removed[i] = removed.get(i, 0) + number
+    ranked = {i: [c for c in v.argsort(descending=True, stable=True).tolist() if v[c] > 0] for i, v in removed.items()}
+    out = []
+    for j in range(count):
+        chosen = {i: order[j] for i, order in ranked.items() if j < len(order)}
+        if not chosen:
+            break
+        confine = {}
+        for name, (i, axis) in profile.axes.items():
+            if i in chosen:
+                members = (profile.labels[i] == chosen[i]).float()
+                confine[name.removesuffix(".weight")] = members[:, None] if axis == 0 else members[None, :]
+        out.append(Bundle(chosen, {i: int(removed[i][c]) for i, c in chosen.items()}, confine))
+    return out

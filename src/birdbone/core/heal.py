@@ -243,6 +243,7 @@ def heal_(
     seconds: float | None = None,
     accelerator: Any = None,
     fake_quant: dict[str, Any] | None = None,
+    confine: dict[str, torch.Tensor] | None = None,
 ) -> HealReport:
     """Trains LoRA adapters on ``blocks`` (the healing split) and merges them into
     ``bundle.model`` with ``masks`` re-applied; in place.
@@ -265,6 +266,9 @@ def heal_(
         fake_quant: full weight name -> ``quantize.Grid`` (None: not quantized): train
             against the merged weights rounded to these grids, with a straight-through
             gradient (``_FakeQuant``); the curve is measured on the rounded weights too.
+        confine: full Linear name -> 0/1 mask broadcast over its weight ((out, 1): rows,
+            (1, in): columns), e.g. a ``cluster_decay.Bundle``'s: only these Linears are
+            adapted, and only where the mask is 1 (the rest of the weights are untouched).
 
     Returns:
         A ``HealReport``. A non-finite loss or adapter stops the healing, leaves the
@@ -277,6 +281,14 @@ def heal_(
     if steps <= 0 or blocks.shape[0] == 0:
         return report
     linears = check_heal(bundle, config)
+    if confine is not None:
+        linears = {name: linear for name, linear in linears.items() if name in confine}
+        if not linears:
+            raise HealError(
+                f"bundle healing adapts the MLP Linears {sorted(confine)[:3]}..., but heal.targets "
+                f"{config.targets} holds none of them. Fix: add the MLP Linears to heal.targets, or "
+                "heal.bundles.enabled: false"
+            )
     if config.distill > 0 and teacher is None:
         raise HealError("heal.distill > 0 needs the dense teacher's logits on the healing blocks")
     length = config.block_length
@@ -294,6 +306,7 @@ def heal_(
     # QLoRA trains against a 4-bit copy; the merge still goes into the full-precision weights
     train_model = quantized_copy(model, sorted(linears), device) if config.quantize == "nf4" else model
     peft_model = _inject(train_model, sorted(linears), config)
+    confined = _confine_(peft_model, linears, confine) if confine is not None else []
     simulated = _FakeQuant(peft_model, linears, fake_quant, masks) if fake_quant is not None else None
     if simulated is not None:
         simulated.refresh()
@@ -376,6 +389,8 @@ def heal_(
         if report.stopped is None and not all(bool(torch.isfinite(p).all()) for p in params):
             report.stopped = "non-finite adapter weights after training"
         deltas = {} if report.stopped else _deltas(peft_model, linears)
+        if confine is not None:  # zero outside already (``_confine_``); exactly zero, whatever the optimizer
+            deltas = {name: d * confine[name].to(d.dtype) for name, d in deltas.items()}
         broken = [
             name
             for name, d in deltas.items()
@@ -384,6 +399,8 @@ def heal_(
         if broken:
             report.stopped = f"non-finite weights after merging into {broken[0]} (learning rate {lr:g} too high?)"
     finally:
+        for handle in confined:
+            handle.remove()
         if simulated is not None:
             simulated.restore()
         if config.gradient_checkpointing:
@@ -471,6 +488,21 @@ def _lora_layers(peft_model: nn.Module, linears: dict[str, nn.Linear]) -> dict[s
         name: next(m for n, m in modules.items() if n.endswith(name) and hasattr(m, "get_delta_weight"))
         for name in linears
     }
+
+
+def _confine_(peft_model: nn.Module, linears: dict[str, nn.Linear], confine: dict[str, torch.Tensor]) -> list[Any]:
+    """Confines each adapter's update s B A to its mask: B's rows outside a row mask, or A's
+    columns outside a column mask, are zeroed and their gradients masked, so they stay zero.
+    Returns the gradient hooks' handles (removed after training)."""
+    handles = []
+    for name, layer in _lora_layers(peft_model, linears).items():
+        mask = confine[name]
+        factor = layer.lora_B["default"].weight if mask.shape[1] == 1 else layer.lora_A["default"].weight
+        keep = mask.to(factor.device, factor.dtype)
+        with torch.no_grad():
+            factor.mul_(keep)
+        handles.append(factor.register_hook(lambda grad, keep=keep: grad * keep))
+    return handles
 
 
 @torch.no_grad()

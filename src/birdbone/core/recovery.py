@@ -153,9 +153,11 @@ def recover(
             problems = check(state.gate, measured["ppl"], measured["kl"], config.gate)[0]
         seconds = time.perf_counter() - start
         state.recovery_s += seconds
+        # a revert is bit-exact: the numbers are the previous wave's, not measured again
+        after = state.rows[-1] if step == "revert" and state.rows else state.current
         record.update(
-            ppl=state.current["ppl"],
-            kl=state.current["kl"],
+            ppl=after["ppl"],
+            kl=after.get("kl"),
             sparsity=state.masks.overall_sparsity(),
             seconds=round(seconds, 2),
             outcome="reverted" if step == "revert" else ("recovered" if not problems else "; ".join(problems)),
@@ -165,7 +167,7 @@ def recover(
             "wave %d recovery %s: perplexity %.3f, sparsity %.4f, %s (%.0f s)",
             state.wave,
             step,
-            state.current["ppl"],
+            record["ppl"],
             record["sparsity"],
             record["outcome"],
             seconds,

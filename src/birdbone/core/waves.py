@@ -234,29 +234,95 @@ def heal(
     if not config.enabled or state.current.get("action") != "decay":
         return state
     steps, lr = config.wave_schedule(state.wave, waves)
-    report = heal_(
-        state.bundle,
-        state.masks,
-        healing,
-        config,
-        steps,
-        lr,
-        teacher,
-        validation,
-        device,
-        desc=f"wave {state.wave} heal",
-    )
-    state.current["heal"] = report.to_json()
-    state.current["seconds_heal"] = report.seconds
+    if config.bundles.enabled:
+        report = _heal_bundles(state, config, steps, lr, healing, teacher, validation, device)
+    else:
+        report = heal_(
+            state.bundle,
+            state.masks,
+            healing,
+            config,
+            steps,
+            lr,
+            teacher,
+            validation,
+            device,
+            desc=f"wave {state.wave} heal",
+        ).to_json()
+    state.current["heal"] = report
+    state.current["seconds_heal"] = report["seconds"]
     log.info(
         "wave %d: healed %d steps (lr %.2g) in %.0f s%s",
         state.wave,
-        steps,
+        report["steps"],
         lr,
-        report.seconds,
-        f"; stopped and undone: {report.stopped}" if report.stopped else "",
+        report["seconds"],
+        f"; stopped and undone: {report['stopped']}" if report["stopped"] else "",
     )
     return state
+
+
+def _heal_bundles(
+    state: WaveState,
+    config: Any,
+    steps: int,
+    lr: float,
+    healing: torch.Tensor,
+    teacher: dict[str, torch.Tensor] | None,
+    validation: torch.Tensor | None,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """``heal.bundles``: the wave's steps shared among its most pruned clusters, healed one
+    bundle at a time with LoRA confined to their channels; one report for them all (steps,
+    seconds and samples summed, the curves end to end, the first stop) with each bundle's
+    clusters and outcome under ``bundles``."""
+    from birdbone.core import cluster_decay
+    from birdbone.core.heal import HealReport, heal_
+    from birdbone.errors import HealError
+
+    if state.cluster_profile is None:
+        raise HealError("heal.bundles needs the profile's clusters. Fix: profile.clusters.enabled: true")
+    chosen = cluster_decay.bundles(state.cluster_profile, state.prior, state.masks, config.bundles.count)
+    total = HealReport(steps=0, lr=lr)
+    done = []
+    for j, bundle in enumerate(chosen):
+        share = steps // len(chosen) + (1 if j < steps % len(chosen) else 0)
+        report = heal_(
+            state.bundle,
+            state.masks,
+            healing,
+            config.model_copy(update={"seed": config.seed + j}),  # each bundle on its own samples
+            share,
+            lr,
+            teacher,
+            validation,
+            device,
+            desc=f"wave {state.wave} heal bundle {j + 1}/{len(chosen)}",
+            confine=bundle.confine,
+        )
+        offset = total.steps
+        total.curve += [{**p, "step": p["step"] + offset} for p in report.curve if p["step"] > 0 or j == 0]
+        total.steps += report.steps
+        for key in ("seconds", "train_seconds", "samples_seen", "samples_trained", "tokens_trained"):
+            setattr(total, key, getattr(total, key) + getattr(report, key))
+        total.stopped = total.stopped or report.stopped
+        total.merged = total.merged or report.merged
+        done.append(
+            {
+                "clusters": {str(i): c for i, c in bundle.clusters.items()},
+                "removed": sum(bundle.removed.values()),
+                "steps": report.steps,
+                "merged": report.merged,
+                "stopped": report.stopped,
+            }
+        )
+    log.info(
+        "wave %d: healed %d bundle(s) one at a time: %s",
+        state.wave,
+        len(done),
+        "; ".join(f"{b['steps']} steps on {b['removed']} removed weights" for b in done),
+    )
+    return {**total.to_json(), "bundles": done}
 
 
 def regrow(state: WaveState, config: Any, healing: torch.Tensor, device: torch.device | str = "cpu") -> WaveState:

@@ -112,7 +112,7 @@ def decay_wave(
     state = previous.state()
     state.bundle.model.to(device)
     clustered = None
-    if config.clusters.enabled:
+    if config.clusters.enabled or HealConfig.model_validate(heal).bundles.enabled:
         blocks_count = len(state.bundle.adapter.blocks(state.bundle.model))
         clustered = cluster_decay.from_profile(profile, state.bundle.adapter, blocks_count)
     state = waves.decay(state, wave, config, calibration, importance or None, device, clustered)
