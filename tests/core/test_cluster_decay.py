@@ -45,6 +45,15 @@ def test_keep_mask_removes_each_clusters_share_and_never_brings_back_a_removed_w
     assert torch.allclose(got, sparsities.double(), atol=0.02)
 
 
+CLUSTER_WAVES = DecayConfig(
+    method="wanda",
+    pattern={"kind": "unstructured", "sparsity": 0.5},
+    cap=0.3,
+    gate={"budget": None},
+    clusters={"enabled": True, "bounds": [0.5, 1.5], "strength": 1.0},
+)
+
+
 @pytest.fixture()
 def clustered(tiny_bundle):
     config = ProfileConfig(blocks=8, gradient_blocks=2, clusters={"enabled": True, "count": 4, "dims": 8})
@@ -54,13 +63,7 @@ def clustered(tiny_bundle):
 
 def test_cluster_waves_reach_the_target_and_share_the_removal_by_health(clustered):
     bundle, profile = clustered
-    config = DecayConfig(
-        method="wanda",
-        pattern={"kind": "unstructured", "sparsity": 0.5},
-        cap=0.3,
-        gate={"budget": None},
-        clusters={"enabled": True, "bounds": [0.5, 1.5], "strength": 1.0},
-    )
+    config = CLUSTER_WAVES
     state = waves.start(bundle, {"ppl": 10.0}, "origin")
     targets = config.wave_targets()
     for wave in (1, 2):
@@ -107,13 +110,7 @@ def test_bundle_healing_adapts_only_the_most_pruned_clusters_channels_one_at_a_t
     from birdbone.config import HealConfig
 
     bundle, profile = clustered
-    config = DecayConfig(
-        method="wanda",
-        pattern={"kind": "unstructured", "sparsity": 0.5},
-        cap=0.3,
-        gate={"budget": None},
-        clusters={"enabled": True, "bounds": [0.5, 1.5], "strength": 1.0},
-    )
+    config = CLUSTER_WAVES
     state = waves.start(bundle, {"ppl": 10.0}, "origin")
     waves.decay(state, 1, config, blocks_of(4, 512, length=32, seed=1), None, "cpu", profile)
     pruned = {n: w.detach().clone() for n, w in state.linears().items()}
