@@ -49,6 +49,13 @@ def test_a_ladder_that_cannot_recover_reverts_the_wave_bit_for_bit_and_stops(tin
     assert state.gate.phase == "stopped" and state.gate.stop_reason == "recovery"
     assert all(torch.equal(w, before[n]) for n, w in state.linears().items())
     assert state.masks.equals(masks)
+    # the revert and every wave after it report the state the model is back at, not the rollback's numbers
+    assert row["recovery"][-1]["ppl"] == 1.0 and row["recovery"][-1]["sparsity"] == 0.0
+    assert row["state_ppl"] == 1.0 and row["ppl"] != 1.0
+    waves.decay(state, 2, config, blocks_of(4, 512, length=32, seed=2), None)
+    waves.evaluate_state(state, blocks_of(4, 512, length=32, seed=99), {}, 4, "cpu")
+    waves.gate(state, config, "recipe")
+    assert state.rows[-1]["decision"] == "skipped" and state.rows[-1]["ppl"] == 1.0
 
 
 def test_a_step_that_brings_the_wave_back_ends_the_ladder_and_the_wave_is_kept(tiny_bundle, monkeypatch):

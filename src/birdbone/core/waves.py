@@ -420,8 +420,10 @@ def evaluate_state(
 ) -> WaveState:
     """Validation perplexity and KL to the dense model, unless this wave changed nothing."""
     if state.current.get("action") == "skip":
-        last = state.rows[-1]
-        state.current.update(ppl=last["ppl"], kl=last["kl"], seconds_evaluate=0.0)
+        last = state.rows[-1]  # the model as the last wave left it (after an undo: the accepted state)
+        state.current.update(
+            ppl=last.get("state_ppl", last["ppl"]), kl=last.get("state_kl", last["kl"]), seconds_evaluate=0.0
+        )
         return state
     start_time = time.perf_counter()
     measured = evaluate.quality(state.bundle.model, validation, teacher, batch_size, device, desc=f"wave {state.wave}")
@@ -502,7 +504,8 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
         if action == "decay" and key in current:
             row[key] = current[key]
     if decision == "reverted" and action == "decay":
-        row["state_ppl"] = state.gate.reference_ppl  # the model is back at the accepted state
+        # the model is back at the accepted state
+        row.update(state_ppl=state.gate.reference_ppl, state_kl=state.gate.reference_kl)
     state.rows.append(row)
     state.state_id = chain_id(state.state_id, recipe_hash, wave)
     log.info("wave %d: %s (%s)", wave, decision, reason)
