@@ -172,7 +172,8 @@ def figure_png(report: dict[str, Any]) -> bytes:
     left.set(xlabel="sparsity of the linear weights", ylabel="validation perplexity (each wave)", title="waves")
     left.legend()
     names = [r["arm"] for r in report["arms"]]
-    bars = right.bar(names, [r["ppl_test"] for r in report["arms"]], color=["#888", "#4a90d9", "#d9804a"][: len(names)])
+    colors = ["#888", "#4a90d9", "#d9804a", "#5aa55a"]
+    bars = right.bar(names, [r["ppl_test"] for r in report["arms"]], color=colors[: len(names)])
     for bar, r in zip(bars, report["arms"], strict=True):
         right.annotate(
             f"{r['ppl_test']:.2f}\n{r['sparsity']:.1%} sparse\n{r['seconds'] / 60:.0f} min",
@@ -183,7 +184,7 @@ def figure_png(report: dict[str, Any]) -> bytes:
         )
     right.set(ylabel="final test perplexity", title="where each arm ended")
     right.margins(y=0.25)
-    fig.suptitle("bird-bone biophase: plain waves vs cluster-aware decay vs + recovery ladder (SmolLM2-135M)")
+    fig.suptitle("bird-bone biophase on SmolLM2-135M: plain, cluster-aware decay, + recovery ladder, + bundle healing")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
