@@ -165,14 +165,14 @@ def figure_png(report: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in report["arms"]:
+    colors = ["#888", "#4a90d9", "#d9804a", "#5aa55a"]  # one per arm, in both panels
+    for r, color in zip(report["arms"], colors, strict=False):
         waves = r["waves"]
-        left.plot([w["sparsity"] for w in waves], [w["ppl"] for w in waves], marker="o", label=r["arm"])
+        left.plot([w["sparsity"] for w in waves], [w["ppl"] for w in waves], marker="o", label=r["arm"], color=color)
     left.axhline(report["dense_ppl_val"] * 1.03, color="grey", linestyle=":", label="dense +3 %")
     left.set(xlabel="sparsity of the linear weights", ylabel="validation perplexity (each wave)", title="waves")
     left.legend()
     names = [r["arm"] for r in report["arms"]]
-    colors = ["#888", "#4a90d9", "#d9804a", "#5aa55a"]
     bars = right.bar(names, [r["ppl_test"] for r in report["arms"]], color=colors[: len(names)])
     for bar, r in zip(bars, report["arms"], strict=True):
         right.annotate(
