@@ -28,6 +28,7 @@ import torch
 from birdbone.core import evaluate
 from birdbone.core.gate import check
 from birdbone.core.masks import removal_scores
+from birdbone.core.waves import left_at
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,11 @@ def recover(
             problems = check(state.gate, measured["ppl"], measured["kl"], config.gate)[0]
         seconds = time.perf_counter() - start
         state.recovery_s += seconds
-        # a revert is bit-exact: the numbers are the previous wave's, not measured again
-        after = state.rows[-1] if step == "revert" and state.rows else state.current
+        # a revert is bit-exact: the numbers are those the previous wave left, not measured again
+        ppl, kl = left_at(state.rows[-1]) if step == "revert" else (state.current["ppl"], state.current["kl"])
         record.update(
-            ppl=after["ppl"],
-            kl=after.get("kl"),
+            ppl=ppl,
+            kl=kl,
             sparsity=state.masks.overall_sparsity(),
             seconds=round(seconds, 2),
             outcome="reverted" if step == "revert" else ("recovered" if not problems else "; ".join(problems)),

@@ -415,15 +415,19 @@ def _brief(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k in ("method", "pattern", "sparsity", "seconds", "block_sparsity")}
 
 
+def left_at(row: dict[str, Any]) -> tuple[float, float | None]:
+    """Validation perplexity and KL of the model as ``row``'s wave left it: the wave's own
+    numbers, or after an undo the accepted state's (``state_ppl``, ``state_kl``)."""
+    return row.get("state_ppl", row["ppl"]), row.get("state_kl", row.get("kl"))
+
+
 def evaluate_state(
     state: WaveState, validation: torch.Tensor, teacher: dict[str, torch.Tensor], batch_size: int, device: Any
 ) -> WaveState:
     """Validation perplexity and KL to the dense model, unless this wave changed nothing."""
     if state.current.get("action") == "skip":
-        last = state.rows[-1]  # the model as the last wave left it (after an undo: the accepted state)
-        state.current.update(
-            ppl=last.get("state_ppl", last["ppl"]), kl=last.get("state_kl", last["kl"]), seconds_evaluate=0.0
-        )
+        ppl, kl = left_at(state.rows[-1])
+        state.current.update(ppl=ppl, kl=kl, seconds_evaluate=0.0)
         return state
     start_time = time.perf_counter()
     measured = evaluate.quality(state.bundle.model, validation, teacher, batch_size, device, desc=f"wave {state.wave}")
