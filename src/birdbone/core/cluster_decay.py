@@ -103,14 +103,7 @@ def plan(
 def measure(profile: ClusterProfile, before: dict[str, torch.Tensor], prior: Any, masks: Any) -> dict[int, list[float]]:
     """Each cluster's price per removed weight in this wave over its block's mean (1.0 for
     a cluster the wave took nothing from): the sensitivity the next wave's factors follow."""
-    totals: dict[int, torch.Tensor] = {}
-    numbers: dict[int, torch.Tensor] = {}
-    for name, (i, axis) in profile.axes.items():
-        removed = prior[name].cpu() & ~masks[name].cpu()
-        cost = before[name].detach().abs().float().cpu() * profile.costs[name].float().cpu()
-        total, number = clusters.removal_cost(removed, cost, profile.labels[i], axis, profile.count)
-        totals[i] = totals.get(i, 0) + total
-        numbers[i] = numbers.get(i, 0) + number
+    totals, numbers = _removed(profile, prior, masks, before)
     result = {}
     for i, total in totals.items():
         mean = float(total.sum()) / max(float(numbers[i].sum()), 1.0)
@@ -118,6 +111,27 @@ def measure(profile: ClusterProfile, before: dict[str, torch.Tensor], prior: Any
         relative = torch.where(numbers[i] > 0, per / max(mean, 1e-30), torch.ones_like(per))
         result[i] = [round(float(v), 4) for v in relative]
     return result
+
+
+def _removed(
+    profile: ClusterProfile, prior: Any, masks: Any, before: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per block, over its MLP Linears: each cluster's summed price of the weights this
+    wave removed (``prior`` -> ``masks``; priced |W| x the profile's cost with ``before``,
+    the weights before the wave, else 1 each) and how many it removed."""
+    totals: dict[int, torch.Tensor] = {}
+    numbers: dict[int, torch.Tensor] = {}
+    for name, (i, axis) in profile.axes.items():
+        removed = prior[name].cpu() & ~masks[name].cpu()
+        cost = (
+            before[name].detach().abs().float().cpu() * profile.costs[name].float().cpu()
+            if before is not None
+            else torch.ones(1, 1)
+        )
+        total, number = clusters.removal_cost(removed, cost, profile.labels[i], axis, profile.count)
+        totals[i] = totals.get(i, 0) + total
+        numbers[i] = numbers.get(i, 0) + number
+    return totals, numbers
 
 
 def spiked(sensitivity: dict[int, list[float]], threshold: float) -> dict[int, list[int]]:
@@ -140,11 +154,7 @@ def bundles(profile: ClusterProfile, prior: Any, masks: Any, count: int) -> list
     cluster with the j-th most weights removed by this wave (``prior`` -> ``masks``; blocks
     with fewer pruned clusters sit out). A bundle confines LoRA to its channels: rows of the
     Linears whose outputs are the channels, columns of the one that reads them."""
-    removed: dict[int, torch.Tensor] = {}
-    for name, (i, axis) in profile.axes.items():
-        gone = prior[name].cpu() & ~masks[name].cpu()
-        _, number = clusters.removal_cost(gone, torch.ones(gone.shape), profile.labels[i], axis, profile.count)
-        removed[i] = removed.get(i, 0) + number
+    _, removed = _removed(profile, prior, masks)
     ranked = {i: [c for c in v.argsort(descending=True, stable=True).tolist() if v[c] > 0] for i, v in removed.items()}
     out = []
     for j in range(count):
