@@ -5,7 +5,7 @@
     .venv/bin/python bench/biophase.py --arms clusters+bundles --reuse   # added to the last run
 
 The default recipe (SmolLM2-135M, Wanda to 50 % unstructured under the 10 % cap, LoRA
-healing in every wave, the +3 % stop-loss) runs ``kedro run --pipeline decay`` three times
+healing in every wave, the +3 % stop-loss) runs ``kedro run --pipelines decay`` three times
 on one baseline and one profile (with co-activation clusters), in copies of a project:
 
 - ``plain``: the default waves;
@@ -207,8 +207,8 @@ def main() -> int:
         project(shared)
         env(shared, "bench", {})
         print("baseline and profile (once) ...", flush=True)
-        kedro(shared, "bench", "--pipeline", "baseline")
-        kedro(shared, "bench", "--pipeline", "profile")
+        kedro(shared, "bench", "--pipelines", "baseline")
+        kedro(shared, "bench", "--pipelines", "profile")
     dense = json.loads((shared / "data" / "08_reporting" / "baseline.json").read_text())
     earlier = json.loads(args.out.read_text())["arms"] if args.reuse and args.out.exists() else []
     rows = [r for r in earlier if r["arm"] not in args.arms]
@@ -218,7 +218,7 @@ def main() -> int:
         subprocess.run(["cp", "-al", str(shared), str(where)], check=True)  # the baseline and profile, linked
         env(where, "bench", ARMS[name])
         print(f"{name}: decay ...", flush=True)
-        seconds = kedro(where, "bench", "--pipeline", "decay")
+        seconds = kedro(where, "bench", "--pipelines", "decay")
         rows.append(arm_row(name, where, seconds))
         print(table(rows), flush=True)
         report = {

@@ -1,5 +1,5 @@
-"""``dvc repro`` over the Kedro stages in a throwaway git repository (the test env's tiny
-model): a second repro does nothing, a changed setting reruns only the stages downstream
+"""``dvc repro`` over the Kedro stages in a fresh ``git clone`` of the project (the test
+env's tiny model): a second repro does nothing, a changed setting reruns only the stages downstream
 of it, and ``git checkout`` + ``dvc checkout`` (or ``dvc pull`` from a local remote)
 brings back every model of the first commit bit for bit."""
 
@@ -44,20 +44,13 @@ def _weights(repo: Path) -> dict[str, str]:
 
 @pytest.fixture()
 def repo(tmp_path: Path) -> Path:
+    """A ``git clone`` of the project, as a new user makes it: what is committed is what is
+    tested (a file the clone lacks or holds too many breaks here, as it would for them)."""
     repo = tmp_path / "project"
-    repo.mkdir()
-    for name in ("conf", "data/01_raw"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("local"))
-    (repo / "conf/local").mkdir()
-    (repo / "conf/local/.gitkeep").touch()
-    shutil.copytree(ROOT / "src/birdbone", repo / "src/birdbone", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", ".telemetry", ".gitignore", "dvc.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    _sh(repo, "git", "init", "-q")
+    _sh(tmp_path, "git", "clone", "-q", "--no-tags", str(ROOT), str(repo))
     _sh(repo, "git", "config", "user.email", "test@example.com")
     _sh(repo, "git", "config", "user.name", "test")
-    _sh(repo, "dvc", "init", "-q")
-    _sh(repo, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    _sh(repo, "dvc", "remote", "modify", "--local", "local", "url", str(tmp_path / "remote"))
     _sh(repo, "birdbone", "params", "--env", "test")
     shutil.copy(ROOT / "scripts/hooks/post-commit", repo / ".git/hooks/post-commit")  # as the set-up installs it
     return repo

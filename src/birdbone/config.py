@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -285,6 +286,16 @@ class TaskFile(Stage):
     def _readable(self, info: ValidationInfo) -> TaskFile:
         from birdbone.core.tasks import check_task_file
         from birdbone.errors import TaskFileError
+
+        # the name becomes MLflow metric keys, which take letters, digits, _ - . space and / only
+        name = self.name if self.name is not None else Path(self.path).stem
+        bad = sorted(set(re.sub(r"[A-Za-z0-9_\-. /]", "", name)))
+        if bad or not name.strip() or len(name) > 200:
+            safe = re.sub(r"[^A-Za-z0-9_\-. /]+", "_", name).strip("_ ") or "task"
+            raise ValueError(
+                f"task name {name!r} has characters MLflow refuses in metric names ({''.join(bad) or 'empty'}); "
+                f"tracking would stop for the rest of the run. Fix: name: {safe}"
+            )
 
         try:
             check_task_file(self.kind, _resolve(self.path, info))

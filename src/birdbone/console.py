@@ -51,30 +51,113 @@ log = logging.getLogger("birdbone.console")
 def _parameters(conf: Path, env: str) -> dict[str, Any]:
     from kedro.config import OmegaConfigLoader
 
+    _check_env(conf, env)
     loader = OmegaConfigLoader(str(conf), base_env="base", default_run_env=env)
     return dict(loader["parameters"])
 
 
+def _check_env(conf: Path, env: str) -> None:
+    """The configuration folder and environment exist, or a ConfigError naming the ones there."""
+    from birdbone.errors import ConfigError
+
+    if not (conf / "base").is_dir():
+        raise ConfigError(f"no {conf}/base. Fix: run it in the project root, or pass --conf.")
+    if not (conf / env).is_dir():
+        envs = sorted(p.name for p in conf.iterdir() if p.is_dir())
+        raise ConfigError(f"no environment {env} in {conf} (there: {', '.join(envs)}). Fix: --env one of those.")
+
+
+def _check_heal_args(args: argparse.Namespace) -> None:
+    """Every heal argument checked before anything is loaded: each problem a named error."""
+    import math
+
+    from birdbone.core.io import check_replaceable
+    from birdbone.errors import ConfigError, ModelSourceError, TextSourceError
+
+    model = args.model
+    if not model.exists():
+        raise ModelSourceError(f"no model at {model}. Fix: a bird-bone model directory, such as models/decayed.")
+    if not model.is_dir() or not (model / "birdbone.json").is_file():
+        raise ModelSourceError(
+            f"{model} is not a bird-bone model directory (no birdbone.json). "
+            "Fix: a folder a stage wrote (models/decayed, models/waves/wave_3), not a file or another folder."
+        )
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: healing needs at least one step. Fix: --steps 1 or more.")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ConfigError(f"--lr {args.lr}: the learning rate must be a positive number. Fix: --lr 1e-4, say.")
+    if not args.blocks.is_file():
+        raise TextSourceError(
+            f"no token blocks at {args.blocks}. Fix: run the baseline first (kedro run --pipelines baseline), "
+            "or --blocks the blocks.safetensors it wrote."
+        )
+    if args.out.resolve() == model.resolve():
+        raise ConfigError(f"--out {args.out} is the model being healed. Fix: a new folder, such as {model}-healed.")
+    check_replaceable(args.out, args.overwrite, hint=", pass --overwrite")
+
+
+def _blocks(path: Path) -> dict[str, Any]:
+    """The baseline's token blocks; a file that is not one is a named error."""
+    import torch
+
+    from birdbone.datasets import TensorsDataset
+    from birdbone.errors import TextSourceError
+
+    try:
+        blocks = TensorsDataset(str(path)).load()
+    except Exception as exc:
+        raise TextSourceError(
+            f"{path} is not a safetensors file of token blocks ({exc}). Fix: --blocks "
+            "data/03_primary/blocks.safetensors, as the baseline wrote it."
+        ) from exc
+    missing = [k for k in ("healing", "validation", "test") if k not in blocks]
+    bad = [
+        k
+        for k in ("healing", "validation", "test")
+        if k in blocks and (blocks[k].dtype != torch.int64 or blocks[k].ndim != 2 or blocks[k].numel() == 0)
+    ]
+    if missing or bad:
+        raise TextSourceError(
+            f"{path} is not the baseline's token blocks (missing {missing or 'none'}, not 2-D token ids: "
+            f"{bad or 'none'}). Fix: --blocks data/03_primary/blocks.safetensors, as the baseline wrote it."
+        )
+    return blocks
+
+
 def heal(args: argparse.Namespace) -> int:
-    """Heals ``args.model`` into ``args.out``; returns the exit status."""
+    """Heals ``args.model`` into ``args.out``; returns the exit status. Holds the project's
+    run lock, so it never writes while a ``kedro run`` does."""
+    from birdbone import runstate
+
+    _check_heal_args(args)
+    params = _parameters(args.conf, args.env)
+    lock = runstate.RunLock(Path.cwd())
+    lock.acquire(env=args.env, pipelines=["birdbone heal"])
+    try:
+        return _heal(args, params)
+    finally:
+        lock.release()
+
+
+def _heal(args: argparse.Namespace, params: dict[str, Any]) -> int:
     import torch
     from accelerate import Accelerator
 
     from birdbone.config import HealConfig, RunConfig
     from birdbone.core import evaluate, modeling
-    from birdbone.core.heal import heal_
+    from birdbone.core.heal import check_heal, heal_
     from birdbone.core.io import write_json_atomic
     from birdbone.datasets import ModelDataset, TensorsDataset
 
-    params = _parameters(args.conf, args.env)
     config = HealConfig.model_validate({**params.get("heal", {}), "enabled": True})
     run = RunConfig.model_validate(params.get("run", {}))
+    blocks = _blocks(args.blocks)
     cpu = run.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu)
     device = accelerator.device
     modeling.prepare_runtime(run.model_copy(update={"device": "cpu" if cpu else "cuda"}))
     bundle = ModelDataset(str(args.model)).load()
-    blocks = TensorsDataset(str(args.blocks)).load()
+    check_heal(bundle, config)
     teacher = TensorsDataset(str(args.teacher)).load() if config.distill > 0 and args.teacher.is_file() else None
     if config.distill > 0 and teacher is None:
         log.warning("no teacher logits at %s: healing without distillation", args.teacher)
@@ -100,7 +183,7 @@ def heal(args: argparse.Namespace) -> int:
         test = evaluate.perplexity(bundle.model, blocks["test"], config.batch_size, device, "test")["ppl"]
         bundle.origin = {**bundle.origin, "heal": {"steps": report.steps, "lr": lr, "from": str(args.model)}}
         bundle.model.to("cpu")
-        ModelDataset(str(args.out)).save(bundle)
+        ModelDataset(str(args.out), overwrite=args.overwrite).save(bundle)
         summary = {**{k: v for k, v in report.to_json().items() if k != "curve"}, "ppl_test": test}
         summary["processes"] = accelerator.num_processes
         write_json_atomic(Path(args.out) / "heal.json", {**summary, "curve": report.curve})
@@ -113,15 +196,14 @@ def params(args: argparse.Namespace) -> int:
 
     from birdbone.config import validate_recipe
     from birdbone.core.io import write_bytes_atomic
+    from birdbone.errors import ConfigError
 
     conf = args.conf
-    if not (conf / "base").is_dir():
-        print(f"birdbone params: no {conf}/base. Fix: run it in the project root, or pass --conf.", file=sys.stderr)
-        return 2
-    if not (conf / args.env).is_dir():
-        envs = sorted(p.name for p in conf.iterdir() if p.is_dir())
-        print(f"birdbone params: no environment {args.env} in {conf} (there: {', '.join(envs)}).", file=sys.stderr)
-        return 2
+    _check_env(conf, args.env)
+    if args.out.is_dir():
+        raise ConfigError(
+            f"--out {args.out} is a folder; the recipe is one YAML file. Fix: --out {args.out}/params.yaml."
+        )
     recipe = validate_recipe(_parameters(conf, args.env), Path.cwd(), [conf / "base", conf / args.env])
     text = "# written by `birdbone params --env {env}`: the recipe of conf/base + conf/{env}, defaults filled in\n"
     body = yaml.safe_dump({"env": args.env, **recipe.model_dump(mode="json")}, sort_keys=False)
@@ -208,7 +290,7 @@ def pack(args: argparse.Namespace) -> int:
 def unpack(args: argparse.Namespace) -> int:
     from birdbone.core.export.pack import decompress_model
 
-    print(decompress_model(args.pack, args.target, args.overwrite))
+    print(decompress_model(args.pack, args.target, args.overwrite, args.max_bytes))
     return 0
 
 
@@ -225,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--teacher", type=Path, default=Path("data/04_feature/heal_teacher_topk.safetensors"))
     cmd.add_argument("--steps", type=int, help="optimizer steps (default: heal.final.steps)")
     cmd.add_argument("--lr", type=float, help="peak learning rate (default: heal.final.lr)")
+    cmd.add_argument("--overwrite", action="store_true", help="replace --out even if bird-bone did not write it")
     cmd = sub.add_parser("params", help="write the env's validated recipe, defaults filled, as one YAML (for DVC)")
     cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
     cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
@@ -249,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("pack", type=Path)
     cmd.add_argument("target", type=Path)
     cmd.add_argument("--overwrite", action="store_true", help="replace target if it exists")
+    cmd.add_argument(
+        "--max-bytes", type=int, help="what the pack may inflate to (default: 64x its size, at least 256 MiB)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from birdbone.errors import BirdboneError

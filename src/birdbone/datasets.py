@@ -16,7 +16,15 @@ from safetensors.torch import load_file, save_file
 
 from birdbone import runstate
 from birdbone.core import modeling, waves
-from birdbone.core.io import TMP_PREFIX, atomic_dir, atomic_path, sha256_file, write_bytes_atomic, write_json_atomic
+from birdbone.core.io import (
+    OWNER_MARK,
+    TMP_PREFIX,
+    atomic_dir,
+    atomic_path,
+    sha256_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from birdbone.core.lowrank import ADAPTER_DIR, load_adapter, save_adapter
 from birdbone.core.masks import MaskSet
 from birdbone.core.quantize import QUANT_FILE, QuantTable
@@ -28,7 +36,7 @@ MASKS = "masks.safetensors"
 def write_sidecar(directory: Path, origin: dict[str, Any]) -> None:
     """``birdbone.json``: how the model was made, and the SHA-256 of each weight file."""
     hashes = {p.name: sha256_file(p) for p in sorted(directory.glob("model*.safetensors"))}
-    write_json_atomic(directory / SIDECAR, {"origin": origin, "sha256": hashes})
+    write_json_atomic(directory / SIDECAR, {"origin": origin, "sha256": hashes, **OWNER_MARK})
 
 
 class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
@@ -41,10 +49,15 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
     adapter in ``adapter/``.
     """
 
-    def __init__(self, path: str, dtype: str = "float32", metadata: dict[str, Any] | None = None):
+    replaces_folder = True  # the run's check refuses a path bird-bone did not write (core.io.check_replaceable)
+
+    def __init__(
+        self, path: str, dtype: str = "float32", metadata: dict[str, Any] | None = None, overwrite: bool = False
+    ):
         self._path = Path(path)
         self._dtype = modeling.DTYPES[dtype]
         self.metadata = metadata
+        self._overwrite = overwrite  # replace a folder bird-bone did not write (an explicit --overwrite)
 
     def load(self) -> modeling.ModelBundle:
         if not (self._path / SIDECAR).is_file():
@@ -57,7 +70,7 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
             bundle.masks = MaskSet.load(self._path / MASKS)
         if (self._path / QUANT_FILE).is_file():
             bundle.quant = QuantTable.load(self._path / QUANT_FILE)
-            bundle.quant.corrections = load_adapter(self._path / ADAPTER_DIR)
+            bundle.quant.corrections = load_adapter(self._path / ADAPTER_DIR, bundle.quant.corrected)
         return bundle
 
     def save(self, data: modeling.ModelBundle) -> None:
@@ -67,7 +80,7 @@ class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):
             "nothing was written; this is a bug in the stage that made it (the decay gate reverts waves "
             "that go non-finite): please report it with the run's log.",
         )
-        with atomic_dir(self._path) as tmp:
+        with atomic_dir(self._path, self._overwrite) as tmp:
             modeling.save_model(data, tmp)
             if data.masks is not None:
                 data.masks.save(tmp / MASKS)
@@ -196,6 +209,8 @@ class WaveDataset(AbstractDataset[Any, WaveHandle | None]):
     run skipped) leaves the directory as it is.
 
     ``optional: true`` loads as None when the wave has not finished (the resume check)."""
+
+    replaces_folder = True
 
     def __init__(
         self, path: str, dtype: str = "float32", optional: bool = False, metadata: dict[str, Any] | None = None

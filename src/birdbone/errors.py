@@ -47,6 +47,10 @@ class ExportError(BirdboneError):
     """A model that cannot be exported as asked (format, architecture, output path)."""
 
 
+class PackError(ExportError):
+    """A pack that cannot be written or read: a hostile or broken file, a link in the folder."""
+
+
 class RunLockedError(BirdboneError):
     """Another bird-bone run holds this project's lock."""
 

@@ -20,7 +20,7 @@ from kedro.framework.hooks import hook_impl
 from birdbone import runstate
 from birdbone.config import Recipe, TrackingConfig, validate_recipe
 from birdbone.core import memory
-from birdbone.core.io import flatten, write_json_atomic
+from birdbone.core.io import check_replaceable, flatten, write_json_atomic
 from birdbone.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,18 @@ def _output_dirs(pipeline: Any, catalog: Any) -> list[Path]:
     return sorted(dirs)
 
 
+def _replaced_folders(pipeline: Any, catalog: Any, recipe: Recipe) -> list[Path]:
+    """The folders the run replaces whole: its model and wave datasets, and the export folder."""
+    folders = set()
+    for name in pipeline.outputs() | {o for n in pipeline.nodes for o in n.outputs}:
+        dataset = catalog.get(name, fallback_to_runtime_pattern=True) if name in catalog else None
+        if getattr(dataset, "replaces_folder", False):
+            folders.add(Path(dataset._path))
+    if any(node.name.startswith("export") for node in pipeline.nodes):
+        folders.add(Path(recipe.export.path))
+    return sorted(folders)
+
+
 def check_writable(directories: list[Path]) -> None:
     """Creates each output folder and writes (then removes) a probe file in it, so a
     read-only or full file system is named before any compute rather than after it."""
@@ -122,6 +134,8 @@ class RunStateHook:
                     ", ".join(str(p.relative_to(root)) for p in swept[:5]),
                 )
             check_writable(_output_dirs(pipeline, catalog))
+            for folder in _replaced_folders(pipeline, catalog, recipe):
+                check_replaceable(folder)
             resume = bool(run_params.get("only_missing_outputs")) and recipe.run.resume
             journal = runstate.Journal(root, recipe.hash(), resume)
             runstate.activate(journal)

@@ -90,7 +90,7 @@ def export_source() -> str | None:
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """``kedro run`` runs ``__default__``; ``kedro run --pipeline NAME`` one stage."""
+    """``kedro run`` runs ``__default__``; ``kedro run --pipelines NAME`` one stage."""
     with warnings.catch_warnings():
         # Kedro warns about dotted dataset names; ours are exactly its namespaced names
         # (``wave_<k>.state``), referred to across namespaces on purpose.

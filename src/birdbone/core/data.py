@@ -47,9 +47,15 @@ def _full(path: Path, root: Path) -> Path:
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 
 
+TEXT_LIMIT = 4 << 30  # one text file at most; more is more than the splits ever take
+
+
 def _read_utf8(path: Path) -> str:
+    from birdbone.core.io import read_regular
+
+    data = read_regular(path, TEXT_LIMIT, TextSourceError, "text file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TextSourceError(
             f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}). Fix: convert it to UTF-8, "

@@ -175,7 +175,8 @@ def write_bundle(root: Path, rev: str = "HEAD", out: Path | None = None) -> Path
         "weights_sha256": weight_hashes(root) if at is None else None,
     }
     target = (out or root / "diffs") / sha
-    with atomic_dir(target) as tmp:
+    # a bundle folder of an earlier bump (before the birdbone.json mark) is bird-bone's too
+    with atomic_dir(target, overwrite=(target / "bundle.json").is_file()) as tmp:
         (tmp / "bundle.json").write_text(json.dumps(bundle, indent=2, sort_keys=True) + "\n")
         (tmp / "params.diff").write_text(git(root, "diff", parent, sha, "--", "params.yaml", "conf") if parent else "")
         (tmp / "README.md").write_text(_summary_text(bundle))

@@ -102,10 +102,10 @@ class SignificanceGate:
 
     def significance(self, loss: torch.Tensor, entropy: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         if self.memory:
-            recent = torch.stack(list(self.memory))
+            recent = torch.stack(list(self.memory)).to(embedding.device, embedding.dtype)
             novelty = 1.0 - nn.functional.cosine_similarity(embedding[:, None], recent[None], dim=-1).max(1).values
         else:
-            novelty = torch.ones(embedding.shape[0])
+            novelty = torch.ones(embedding.shape[0], device=embedding.device)
         parts = {"loss": loss, "entropy": entropy, "novelty": novelty}
         weights = self.config.weights
         total = sum(weights.values())
@@ -118,7 +118,7 @@ class SignificanceGate:
         error = rate - self.config.target_rate
         self.integral += error
         self.threshold = min(max(self.threshold + self.config.kp * error + self.config.ki * self.integral, 0.0), 1.0)
-        for e in embedding[chosen]:
+        for e in embedding[chosen.to(embedding.device)]:
             self.memory.append(e.float().cpu())
         self.seen += int(significance.numel())
         self.trained += int(chosen.sum())

@@ -115,14 +115,63 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yields a fresh temporary directory; on success it replaces ``target`` whole.
+OWNER_FILE = "birdbone.json"  # in every folder bird-bone writes whole: a model's sidecar, or this mark
+OWNER_MARK = {"written_by": "bird-bone"}
+_OWNER_FILE_MAX = 16 << 20
 
-    An existing ``target`` is moved aside first and deleted only after the new one is in
-    place, so a crash never leaves a half-written directory under the final name.
+
+def written_by_birdbone(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` is one bird-bone wrote: its ``birdbone.json`` (a regular file, not
+    a link) is a model sidecar (``origin`` and ``sha256``) or says ``written_by: bird-bone``."""
+    marker = Path(folder) / OWNER_FILE
+    try:
+        if marker.is_symlink() or not marker.is_file() or marker.stat().st_size > _OWNER_FILE_MAX:
+            return False
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and (
+        data.get("written_by") == OWNER_MARK["written_by"] or {"origin", "sha256"} <= data.keys()
+    )
+
+
+def check_replaceable(target: str | os.PathLike[str], overwrite: bool = False, hint: str = "") -> None:
+    """Raises ``OutputError`` unless ``target`` may be replaced whole: it does not exist, is
+    an empty folder, is a folder bird-bone wrote (``written_by_birdbone``), or ``overwrite``.
+
+    Args:
+        hint: how to pass an explicit overwrite where the caller has one (``--overwrite``).
     """
     target = Path(target)
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if target.is_symlink():
+        what = f"a symbolic link (to {os.readlink(target)}), which bird-bone never writes through"
+    elif not target.is_dir():
+        what = "a file, not a folder bird-bone wrote"
+    elif not any(target.iterdir()) or written_by_birdbone(target):
+        return
+    else:
+        what = f"a folder bird-bone did not write (it has no {OWNER_FILE} of bird-bone's)"
+    raise OutputError(
+        f"{target} exists and is {what}; bird-bone replaces a folder whole, so it would be lost. "
+        f"Nothing was written. Fix: choose another path (a new or empty folder){hint}, or move {target} away yourself."
+    )
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory; on success it replaces ``target`` whole.
+
+    ``target`` must be replaceable (``check_replaceable``: absent, empty, written by
+    bird-bone, or ``overwrite``), checked before anything is written; the new folder gets
+    bird-bone's ``birdbone.json`` mark unless it holds a model sidecar already. An
+    existing ``target`` is moved aside first and deleted only after the new one is in
+    place, so a crash never leaves a half-written directory under the final name; a link
+    is removed, never followed.
+    """
+    target = Path(target)
+    check_replaceable(target, overwrite)
     with _write_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + target.name + ".", dir=target.parent))
@@ -130,8 +179,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         with _write_errors(target):
             yield tmp
+            if not (tmp / OWNER_FILE).exists():
+                (tmp / OWNER_FILE).write_text(json.dumps(OWNER_MARK) + "\n")
             os.chmod(tmp, 0o777 & ~default_umask())
-            if target.exists():
+            if target.exists() or target.is_symlink():
                 old = target.with_name(f"{TMP_PREFIX}{target.name}.old-{os.getpid()}")
                 os.replace(target, old)
             os.replace(tmp, target)
@@ -140,7 +191,34 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink() or old.is_file():
+                old.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, error: type[Exception], what: str) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a FIFO would block, a device
+    such as /dev/zero never ends) of at most ``limit`` bytes; else ``error`` naming the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{what} {path} does not exist. Fix: check the path.")
+    if not path.is_file():
+        raise error(
+            f"{what} {path} is not a regular file (a folder, FIFO or device such as /dev/zero): reading it would "
+            "block or never end. Fix: point at a regular file."
+        )
+    size = path.stat().st_size
+    if size > limit:
+        raise error(
+            f"{what} {path} is {size / 2**20:.0f} MiB, more than the {limit >> 20} MiB read at most. "
+            "Fix: split it into several files."
+        )
+    with open(path, "rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # it grew while being read
+        raise error(f"{what} {path} grew past {limit >> 20} MiB while being read. Fix: point at a finished file.")
+    return data
 
 
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from birdbone.core.io import write_json_atomic
-from birdbone.errors import QuantizeError
+from birdbone.errors import ModelSourceError, QuantizeError
 
 
 def check_target(target: float) -> None:
@@ -251,12 +251,26 @@ def save_adapter(path: Path, corrections: dict[str, tuple[torch.Tensor, torch.Te
 ADAPTER_DIR = "adapter"
 
 
-def load_adapter(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The corrections ``save_adapter`` wrote into the folder ``path`` (empty if there is none)."""
+def load_adapter(
+    path: Path, expected: list[str] | tuple[str, ...] = ()
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The corrections ``save_adapter`` wrote into the folder ``path``: empty if there is
+    none and none is ``expected``.
+
+    Raises:
+        ModelSourceError: ``expected`` names corrections the folder does not hold (a copy of
+            the model that lost its ``adapter/``).
+    """
     from safetensors.torch import load_file
 
     file = path / "adapter_model.safetensors"
     if not file.is_file():
+        if expected:
+            raise ModelSourceError(
+                f"{path} is missing: the model's quant.safetensors says {len(expected)} weights have low-rank "
+                f"corrections there ({expected[0]}, ...), and without them it computes something else. "
+                "Fix: copy the model folder whole (its adapter/ too), or rerun the quantize stage."
+            )
         return {}
     tensors = load_file(str(file))
     out = {}
@@ -264,4 +278,10 @@ def load_adapter(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if key.endswith(".lora_A.weight"):
             module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             out[f"{module}.weight"] = (tensors[key.replace("lora_A", "lora_B")], a)
+    lost = sorted(set(expected) - out.keys())
+    if lost:
+        raise ModelSourceError(
+            f"{file} lacks the corrections of {len(lost)} weights the model's quant.safetensors names "
+            f"({lost[0]}, ...). Fix: copy the model folder whole, or rerun the quantize stage."
+        )
     return out

@@ -272,9 +272,12 @@ def _check_hf_dir(path: Path) -> None:
         )
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict[str, Any]:
     """Reads a safetensors file's header (not its tensors) and checks that the file holds
-    every byte the header promises: a truncated or garbled file fails here, in milliseconds."""
+    every byte the header promises: a truncated or garbled file fails here, in milliseconds.
+    Returns the header (tensor name -> dtype, shape, offsets)."""
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is not a regular file (a FIFO or device?). Fix: point at the weights file.")
     size = path.stat().st_size
     fix = "Fix: copy or download the file again (compare its size with the original's)."
     with open(path, "rb") as handle:
@@ -285,12 +288,54 @@ def check_safetensors(path: Path) -> None:
         try:
             header = json.loads(handle.read(length))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            shapes = {k: [int(d) for d in v["shape"]] for k, v in header.items() if k != "__metadata__"}
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             raise ModelSourceError(f"{path} has a damaged safetensors header. {fix}") from None
     if 8 + length + end > size:
         raise ModelSourceError(
             f"{path} is truncated: its header promises {8 + length + end} bytes, the file has {size}. {fix}"
         )
+    return shapes
+
+
+def check_weights_fit_config(path: Path, weights: dict[str, list[int]]) -> None:
+    """The weight files' tensors (names and shapes, from their headers) against the model
+    the directory's config builds (on the meta device: no memory, no compute). A missing
+    tensor would load as random numbers, an unexpected or misshapen one would be dropped or
+    fail deep inside transformers: each is a named error here, before any weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+            structure.apply_layer_shapes_(model, adapter_for(config))
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build from
+        raise ModelSourceError(
+            f"{path}/config.json does not describe a model transformers can build "
+            f"({type(exc).__name__}: {str(exc)[:200]}). Fix: restore the config saved with these weights."
+        ) from None
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(model.config, "tie_word_embeddings", False)
+    missing = sorted(k for k in expected.keys() - weights.keys() if not (tied and k.endswith("lm_head.weight")))
+    unexpected = sorted(weights.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & weights.keys() if expected[k] != weights[k])
+    if not (missing or unexpected or wrong):
+        return
+    found = [f"missing {len(missing)} ({', '.join(missing[:3])})" if missing else ""]
+    found += [f"unexpected {len(unexpected)} ({', '.join(unexpected[:3])})" if unexpected else ""]
+    found += [
+        f"{len(wrong)} of another shape ({', '.join(f'{k} {weights[k]} for {expected[k]}' for k in wrong[:2])})"
+        if wrong
+        else ""
+    ]
+    layers = getattr(config, "num_hidden_layers", "?")
+    raise ModelSourceError(
+        f"{path}: the weights do not fit config.json ({layers} layers, hidden {getattr(config, 'hidden_size', '?')}"
+        f", intermediate {getattr(config, 'intermediate_size', '?')}): {'; '.join(f for f in found if f)}. "
+        "Loading it would leave random weights or fail. Fix: put the config.json saved with these weights "
+        "in the folder (or the weights that belong to this config)."
+    )
 
 
 def check_gguf(path: Path) -> None:
@@ -328,8 +373,13 @@ def check_model_dir(path: str | os.PathLike[str]) -> None:
     except ValueError as exc:
         raise ModelSourceError(f"{path}/config.json is not valid JSON ({exc}). Fix: restore the file.") from None
     adapter_for(type("Config", (), {"model_type": config.get("model_type")})())
+    weights: dict[str, list[int]] = {}
     for file in sorted(path.glob("*.safetensors")):
-        check_safetensors(file)
+        header = check_safetensors(file)
+        if file.name.startswith("model"):  # not masks.safetensors / quant.safetensors
+            weights.update(header)
+    if weights:
+        check_weights_fit_config(path, weights)
     top = _tokenizer_top_id(path / "tokenizer.json")
     rows = config.get("vocab_size")
     if top is not None and isinstance(rows, int) and top >= rows:

@@ -570,6 +570,8 @@ class QuantTable:
     # weight name -> (B, A): a low-rank correction of its quantization error, kept apart
     # from the quantized weights (a LoRA adapter: ``lowrank.save_adapter``)
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # the weights whose corrections the file said it has (``load``), checked against adapter/
+    corrected: list[str] = field(default_factory=list)
 
     def grid_of(self, name: str) -> Grid | None:
         return self.grids.get(name) or self.source
@@ -581,6 +583,8 @@ class QuantTable:
         table = {
             "grids": {n: None if g is None else grid_list(g) for n, g in self.grids.items()},
             "source": None if self.source is None else grid_list(self.source),
+            # which weights have a correction in adapter/: a model folder missing it is refused on load
+            "corrected": sorted(self.corrections),
         }
         # one metadata key: safetensors writes several in a random (hash map) order
         save_file(tensors, str(path), metadata={"birdbone.quant": json.dumps(table)})
@@ -600,4 +604,6 @@ class QuantTable:
         grids = {n: None if g is None else Grid(*g) for n, g in table["grids"].items()}
         source = table["source"]
         scales = {n: (tensors[f"{n}.d"], tensors[f"{n}.m"]) for n in grids if f"{n}.d" in tensors}
-        return cls(grids, scales, None if source is None else Grid(*source))
+        table_out = cls(grids, scales, None if source is None else Grid(*source))
+        table_out.corrected = list(table.get("corrected", []))
+        return table_out

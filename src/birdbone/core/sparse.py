@@ -8,12 +8,15 @@ The conversion keeps the values exactly (the outputs agree up to summation order
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from birdbone.errors import BirdboneError
+
+log = logging.getLogger(__name__)
 
 
 class SparseLinear(nn.Module):
@@ -57,28 +60,77 @@ def to_csr_(bundle: Any, min_sparsity: float = 0.0) -> dict[str, float]:
     return converted
 
 
+def _semi_structured_backends(dtype: torch.dtype) -> list[Any]:
+    """torch's 2:4 backends that run ``dtype`` on this GPU: cuSPARSELt (float16, bfloat16,
+    int8) where it is built in, and CUTLASS (also float32), whose kernels exist for compute
+    capability 8.x only (an H100 / H200 is 9.0)."""
+    from torch.sparse import semi_structured as ss
+
+    backends = []
+    if torch.backends.cusparselt.is_available() and not ss.SparseSemiStructuredTensor._FORCE_CUTLASS:
+        backends.append(ss.SparseSemiStructuredTensorCUSPARSELT)
+    if torch.cuda.get_device_capability()[0] == 8:
+        backends.append(ss.SparseSemiStructuredTensorCUTLASS)
+    return [b for b in backends if dtype in b._DTYPE_SHAPE_CONSTRAINTS]
+
+
+def _semi_structured(weight: torch.Tensor, backends: list[Any]) -> Any:
+    """The semi-structured sparse tensor of a 2:4 ``weight`` in its own dtype, on its own
+    device, from the first backend whose tiles its shape fits; None if none fits."""
+    rows, cols = weight.shape
+    for backend in backends:
+        limits = backend._DTYPE_SHAPE_CONSTRAINTS[weight.dtype]
+        if rows % limits.sparse_min_rows == 0 and cols % limits.sparse_min_cols == 0:
+            return backend.from_dense(weight)
+    return None
+
+
 def to_semi_structured_(bundle: Any) -> list[str]:
     """Turns every block Linear whose weight is 2:4 sparse into torch's semi-structured
-    sparse format (CUDA, compute capability 8.0 or newer: the sparse tensor cores); returns
-    the converted names.
+    sparse format (CUDA, compute capability 8.0 or newer: the sparse tensor cores), in the
+    model's own dtype and on its device; returns the converted names.
 
     Raises:
-        BirdboneError: no CUDA device with 2:4 support, or no weight is 2:4 sparse.
+        BirdboneError: no CUDA device with 2:4 support, the model not on it, a dtype no
+            backend takes on this GPU (float32 on 9.0: convert to bfloat16), or no weight is
+            2:4 sparse; nothing is converted then.
     """
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         raise BirdboneError(
             "2:4 semi-structured kernels need a CUDA GPU of compute capability 8.0 or newer (A100, H100, RTX 30xx+). "
             "Fix: run on such a GPU, or keep the dense weights (the zeros then bring no speed)."
         )
-    from torch.sparse import to_sparse_semi_structured
-
-    names = []
-    for name, linear in bundle.adapter.linears(bundle.model).items():
+    linears = bundle.adapter.linears(bundle.model)
+    if any(lin.weight.device.type != "cuda" for lin in linears.values()):
+        raise BirdboneError("the model is not on the GPU. Fix: bundle.model.to('cuda') before to_semi_structured_.")
+    dtype = next(iter(linears.values())).weight.dtype
+    backends = _semi_structured_backends(dtype)
+    if not backends:
+        major, minor = torch.cuda.get_device_capability()
+        raise BirdboneError(
+            f"no 2:4 kernel takes {dtype} on this GPU (compute capability {major}.{minor}): cuSPARSELt runs float16, "
+            "bfloat16 and int8, and CUTLASS's float32 kernels exist for 8.x only. Nothing was converted. "
+            "Fix: bundle.model.to(torch.bfloat16) first (and time the dense model in the same dtype)."
+        )
+    names, unfit = [], []
+    for name, linear in linears.items():
         w = linear.weight.detach()
-        groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
-        if w.shape[1] % 4 == 0 and bool((groups <= 2).all()):
-            linear.weight = nn.Parameter(to_sparse_semi_structured(w.half().cuda()), requires_grad=False)
-            names.append(name)
+        groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1) if w.shape[1] % 4 == 0 else None
+        if groups is None or not bool((groups <= 2).all()):
+            continue
+        sparse = _semi_structured(w, backends)
+        if sparse is None:
+            unfit.append(f"{name} {tuple(w.shape)}")
+            continue
+        linear.weight = nn.Parameter(sparse, requires_grad=False)
+        names.append(name)
+    if unfit:
+        log.warning("left dense (their shape fits no 2:4 kernel's tiles for %s): %s", w.dtype, ", ".join(unfit))
+    if not names and unfit:
+        raise BirdboneError(
+            f"no 2:4 sparse Linear fits a semi-structured kernel in {w.dtype} (e.g. {unfit[0]}). "
+            "Fix: float16 or bfloat16 weights (model.half()), or widths that are multiples of 64."
+        )
     if not names:
         raise BirdboneError("no block Linear is 2:4 sparse. Fix: prune with decay.pattern {kind: nm, n: 2, m: 4}.")
     return names

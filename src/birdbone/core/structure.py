@@ -21,6 +21,8 @@ def _sliced(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Ten
     """A new Linear holding the selected output rows / input columns of ``linear``."""
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
+    rows = rows.to(weight.device) if rows is not None else None
+    cols = cols.to(weight.device) if cols is not None else None
     if rows is not None:
         weight = weight[rows]
         bias = bias[rows] if bias is not None else None
@@ -54,7 +56,7 @@ def keep_heads_(
     q, k, v, o = adapter.attention_linears
 
     def columns(heads: torch.Tensor) -> torch.Tensor:
-        return (heads.sort().values[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+        return (heads.sort().values[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(-1)
 
     setattr(attention, q, _sliced(getattr(attention, q), rows=columns(keep_query)))
     setattr(attention, k, _sliced(getattr(attention, k), rows=columns(keep_kv)))

@@ -22,12 +22,20 @@ from tqdm.auto import tqdm
 from birdbone.core.modeling import forward_cached
 from birdbone.errors import TaskFileError
 
+TASK_LIMIT = 256 << 20
+
 
 def read_task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     """Reads a jsonl task file; every line must be an object with the ``required`` keys."""
+    from birdbone.core.io import read_regular
+
     path = Path(path)
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = read_regular(path, TASK_LIMIT, TaskFileError, "task file").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskFileError(f"{path} is not UTF-8 text ({exc.reason}). Fix: save it as UTF-8 jsonl.") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -47,11 +55,21 @@ def read_task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str
     return items
 
 
+def _text_field(item: dict[str, Any], key: str, where: str) -> None:
+    value = item[key]
+    if not isinstance(value, str) or not value.strip():
+        raise TaskFileError(
+            f"{where}: '{key}' must be non-empty text, got {value!r}. Fix: write the {key} as a JSON string."
+        )
+
+
 def _check_choice(item: dict[str, Any], where: str) -> None:
+    _text_field(item, "question", where)
     choices, answer = item["choices"], item["answer"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
         raise TaskFileError(f"{where}: 'choices' must be a list of at least two strings. Fix: list the options.")
-    if not isinstance(answer, int) or not 0 <= answer < len(choices):
+    # a bool is an int to Python: ``true`` would score as index 1
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise TaskFileError(
             f"{where}: 'answer' must be the index (0..{len(choices) - 1}) of the right choice, got {answer!r}. "
             "Fix: give the right choice's position, counting from 0."
@@ -136,9 +154,12 @@ def check_task_file(kind: str, path: str | Path) -> list[dict[str, Any]]:
     """Reads a task file of ``kind`` and checks every item (before any model is loaded)."""
     required = TASK_KINDS[kind][0]
     items = read_task_file(path, required)
-    if kind == "multiple_choice":
-        for i, item in enumerate(items):
+    for i, item in enumerate(items):
+        if kind == "multiple_choice":
             _check_choice(item, f"{path} item {i + 1}")
+        else:
+            _text_field(item, "prompt", f"{path} item {i + 1}")
+            _text_field(item, "expected", f"{path} item {i + 1}")
     return items
 
 

@@ -98,3 +98,26 @@ def test_codes_pack_at_their_bits_and_come_back(bits) -> None:
     stream = _pack_bits(values, bits)
     assert stream.nbytes == 96 * bits // 8
     assert np.array_equal(_unpack_bits(stream, bits, 96), values)
+
+
+def test_every_file_of_the_folder_is_packed_the_adapter_too(tiny_bundle, model_dir, tmp_path) -> None:
+    from birdbone.errors import ModelSourceError
+
+    bundle = ModelDataset(str(model_dir)).load()
+    generator = torch.Generator().manual_seed(3)
+    up = "model.layers.0.mlp.up_proj.weight"
+    bundle.quant.corrections = {up: (torch.randn(128, 4, generator=generator), torch.randn(4, 64, generator=generator))}
+    ModelDataset(str(tmp_path / "corrected")).save(bundle)
+    stats = compress_model(tmp_path / "corrected", tmp_path / "c.pack")
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(stats["files"])
+    back = decompress_model(tmp_path / "c.pack", tmp_path / "back")
+    listing = sorted(str(p.relative_to(back)) for p in back.rglob("*"))
+    assert listing == sorted(str(p.relative_to(tmp_path / "corrected")) for p in (tmp_path / "corrected").rglob("*"))
+    b, a = ModelDataset(str(back)).load().quant.corrections[up]
+    assert _same_bits(b, bundle.quant.corrections[up][0]) and _same_bits(a, bundle.quant.corrections[up][1])
+    # a copy that lost adapter/ no longer loads silently without its corrections
+    import shutil
+
+    shutil.rmtree(back / "adapter")
+    with pytest.raises(ModelSourceError, match=r"adapter is missing.*1 weights have low-rank corrections.*Fix: copy"):
+        ModelDataset(str(back)).load()

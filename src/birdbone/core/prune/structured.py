@@ -146,9 +146,9 @@ class _StructuredPruner:
         grouped = head_score.reshape(self.kv_heads, per_group)
         if self.pattern.mode == "kv_groups":
             groups = grouped.sum(-1).topk(kv_keep).indices.sort().values
-            query = (groups[:, None] * per_group + torch.arange(per_group)).reshape(-1)
+            query = (groups[:, None] * per_group + torch.arange(per_group, device=groups.device)).reshape(-1)
         else:
-            groups = torch.arange(self.kv_heads)
+            groups = torch.arange(self.kv_heads, device=grouped.device)
             within = grouped.topk(q_keep // self.kv_heads, dim=-1).indices.sort(-1).values
             query = (groups[:, None] * per_group + within).reshape(-1)
         self.removed[index] = self.heads - query.numel()
@@ -193,7 +193,8 @@ class _StructuredPruner:
 
     def _input_norm(self, stats: InputStats) -> torch.Tensor:
         """||X_c|| for the activation-aware score; all ones for plain weight magnitude."""
-        return stats.norm() if self.criterion == "wanda" else torch.ones(stats.features)
+        norm = stats.norm()
+        return norm if self.criterion == "wanda" else torch.ones_like(norm)
 
 
 class _BlockInfluence(ReadOnlyMethod):
@@ -496,7 +497,7 @@ def compact_(bundle: Any, masks: MaskSet) -> tuple[MaskSet, dict[str, Any]]:
     full = {f"{n}.weight": masks[f"{n}.weight"] for n in a.linears(bundle.model) if f"{n}.weight" in masks}
 
     def dims(heads: torch.Tensor) -> torch.Tensor:
-        return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+        return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).reshape(-1)
 
     kept_masks: list[dict[str, torch.Tensor]] = []
     for index, keep in enumerate(plan):
