@@ -78,3 +78,64 @@ def test_the_repository_commands_name_what_is_wrong_and_the_fix(tmp_path, monkey
     assert main(["bump", "--rev", "v9"]) == 2
     assert "'v9' is not a commit" in capsys.readouterr().err
     assert not (tmp_path / "diffs").exists() and not (tmp_path / "params.yaml").exists()
+
+
+def test_heal_names_each_bad_argument_before_loading_anything(project, tiny_bundle, capsys):
+    from birdbone import runstate
+    from birdbone.console import main
+
+    ModelDataset("models/pruned").save(tiny_bundle)
+    TensorsDataset("data/03_primary/blocks.safetensors").save(
+        {"healing": patterned(8), "validation": patterned(4, seed=5), "test": patterned(4, seed=6)}
+    )
+    (project / "notes.txt").write_text("not a model")
+    (project / "not-blocks.safetensors").write_text("text")
+    heal = ["heal", "models/pruned", "--out", "models/healed", "--env", "test"]
+    cases = [
+        (["heal", "models/nowhere", "--out", "x", "--env", "test"], "no model at models/nowhere. Fix:"),
+        (["heal", "notes.txt", "--out", "x", "--env", "test"], "notes.txt is not a bird-bone model directory"),
+        (
+            [*heal[:4], "--env", "prod"],
+            "no environment prod in conf (there: base, gpu, local, structured, test). Fix: --env",
+        ),
+        ([*heal, "--blocks", "missing.safetensors"], "no token blocks at missing.safetensors. Fix:"),
+        ([*heal, "--blocks", "not-blocks.safetensors"], "not-blocks.safetensors is not a safetensors file of token"),
+        ([*heal, "--steps", "-5"], "--steps -5: healing needs at least one step. Fix: --steps 1"),
+        ([*heal, "--lr", "nan"], "--lr nan: the learning rate must be a positive number"),
+        (["heal", "models/pruned", "--out", "models/pruned", "--env", "test"], "is the model being healed"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert not (project / "models/healed").exists() and not (project / "x").exists()
+    lock = runstate.RunLock(project)  # a kedro run holds the project: heal waits its turn
+    lock.acquire(env="test")
+    try:
+        assert main([*heal, "--steps", "1"]) == 2
+        assert "another bird-bone run is using this project" in capsys.readouterr().err
+    finally:
+        lock.release()
+    assert not (project / "models/healed").exists()
+
+
+def test_report_params_and_unpack_name_broken_inputs(tmp_path, monkeypatch, capsys):
+    from birdbone.console import main
+
+    monkeypatch.chdir(tmp_path)
+    reports = tmp_path / "data/08_reporting"
+    reports.mkdir(parents=True)
+    (reports / "summary.json").write_text('{"baseline": {"ppl_te')
+    assert main(["report"]) == 2
+    assert "summary.json is not readable JSON" in capsys.readouterr().err
+    (reports / "summary.json").write_text("[1, 2]")
+    assert main(["report"]) == 2
+    assert "holds a JSON list, not the object of sections a run writes" in capsys.readouterr().err
+    assert main(["unpack", "nope.pack", "out"]) == 2
+    assert "nope.pack does not exist. Fix" in capsys.readouterr().err
+    (tmp_path / "conf/base").mkdir(parents=True)
+    (tmp_path / "conf/local").mkdir()
+    (tmp_path / "folder").mkdir()
+    assert main(["params", "--out", "folder"]) == 2
+    assert "--out folder is a folder; the recipe is one YAML file" in capsys.readouterr().err
+    assert main(["pack", "conf", "m.pack"]) == 2
+    assert "conf holds no .safetensors file" in capsys.readouterr().err

@@ -96,6 +96,9 @@ def test_repro_reruns_what_changed_and_checkout_restores_every_model_bit_for_bit
     bumped = _sh(repo, "birdbone", "bump")  # by hand: the bundle again, a version tag, the models pushed
     assert f"tagged {sha[:12]} as model-v1" in bumped and "pushed the DVC outputs" in bumped
     assert _sh(repo, "git", "tag", "--list", "model-v*").split() == ["model-v1"]
+    again = _sh(repo, "birdbone", "bump")  # the same commit again (as its advice after a failed push says)
+    assert f"{sha[:12]} is already model-v1; no new tag" in again
+    assert _sh(repo, "git", "tag", "--list", "model-v*").split() == ["model-v1"]
     metrics = _sh(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
     assert "data/08_reporting/decay.json" in metrics
     _sh(repo, "dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", str(repo.parent / "plots"))

@@ -52,3 +52,32 @@ def test_a_weight_changed_after_its_stage_is_refused_by_name(tiny_bundle, tmp_pa
     (problem,) = weight_problems(tmp_path)
     assert problem.startswith("models/healed/model.safetensors differs from the SHA-256 in models/healed/birdbone.json")
     assert "Fix: rerun the stage (dvc repro), or dvc checkout to restore it." in problem
+
+
+def test_a_deleted_weight_or_a_run_from_a_subfolder_still_fails(tiny_bundle, tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.kedro]\npackage_name = 'birdbone'\n")
+    ModelDataset(str(tmp_path / "models/healed")).save(tiny_bundle)
+    weights = tmp_path / "models/healed/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}  # as git runs the hook: the venv not activated
+    hook = [str(BIN / "birdbone"), "check-weights"]
+    done = subprocess.run(hook, cwd=tmp_path / "models/healed", capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "models/healed/model.safetensors differs" in done.stderr
+    weights.unlink()
+    (problem,) = weight_problems(tmp_path)
+    assert problem.startswith("models/healed/model.safetensors is missing: models/healed/birdbone.json records it")
+    outside = subprocess.run(hook, cwd=tmp_path.parent, capture_output=True, text=True, env=env)
+    assert outside.returncode == 2 and "is not inside a bird-bone project" in outside.stderr
+
+
+def test_the_hook_finds_dvc_without_the_venv_on_path(tiny_bundle, tmp_path: Path) -> None:
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    (tmp_path / "pyproject.toml").write_text("[tool.kedro]\npackage_name = 'birdbone'\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    ModelDataset(str(tmp_path / "models/healed")).save(tiny_bundle)
+    done = subprocess.run(
+        [str(BIN / "birdbone"), "check-weights"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

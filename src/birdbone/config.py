@@ -50,6 +50,8 @@ def _must_exist(path: Path, info: ValidationInfo, directory: bool) -> Path:
     if not (full.is_dir() if directory else full.is_file()):
         wrong = full.is_file() if directory else full.is_dir()
         where = f"is a {'file' if directory else 'directory'}, not a {what}" if wrong else "does not exist"
+        if full.exists() and not wrong:
+            where = f"is not a regular {what} (a FIFO or device, which would block or never end)"
         raise ValueError(f"{what} '{path}' {where} (looked at {full}); fix the path")
     return path
 
@@ -213,6 +215,11 @@ class TxtText(Stage):
         full = _resolve(path, info)
         if not full.exists():
             raise ValueError(f"'{path}' does not exist (looked at {full}); fix the path")
+        if not (full.is_file() or full.is_dir()):
+            raise ValueError(
+                f"'{path}' is not a regular file (a FIFO or device such as /dev/zero: reading it would block or "
+                "never end); fix the path"
+            )
         return path
 
 

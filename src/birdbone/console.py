@@ -212,8 +212,6 @@ def params(args: argparse.Namespace) -> int:
 
 
 def bump(args: argparse.Namespace) -> int:
-    import subprocess
-
     from birdbone.core import diffs
 
     root = Path.cwd()
@@ -223,18 +221,23 @@ def bump(args: argparse.Namespace) -> int:
         f"{path}: {len(bundle['params'])} settings changed, {bundle['masks']['changed_layers']} layers' masks, "
         f"{len(bundle['metrics'])} metrics"
     )
-    if args.tag:
-        tags = diffs.git(root, "tag", "--list", "model-v*").split()
-        numbers = [int(t.removeprefix("model-v")) for t in tags if t.removeprefix("model-v").isdigit()]
-        tag = f"model-v{max(numbers, default=0) + 1}"
-        diffs.git(root, "tag", "-a", tag, bundle["commit"], "-m", f"bird-bone model {tag}: {bundle['message']}")
-        print(f"tagged {bundle['commit'][:12]} as {tag}")
+    if args.tag:  # one version per commit: a second bump of it keeps the tag it has
+        already = diffs.version_tags(root, bundle["commit"])
+        if already:
+            print(f"{bundle['commit'][:12]} is already {already[0]}; no new tag")
+        else:
+            tags = diffs.git(root, "tag", "--list", "model-v*").split()
+            numbers = [int(t.removeprefix("model-v")) for t in tags if t.removeprefix("model-v").isdigit()]
+            tag = f"model-v{max(numbers, default=0) + 1}"
+            diffs.git(root, "tag", "-a", tag, bundle["commit"], "-m", f"bird-bone model {tag}: {bundle['message']}")
+            print(f"tagged {bundle['commit'][:12]} as {tag}")
     if args.push:
-        done = subprocess.run(["dvc", "push"], cwd=root, capture_output=True, text=True)
+        done = diffs.run_dvc(root, "push")
         if done.returncode:
             print(
                 f"birdbone bump: dvc push failed: {done.stderr.strip() or done.stdout.strip()}\n"
-                "Fix: set a default remote (dvc remote add -d local /path/to/dir), then birdbone bump --push again.",
+                "Fix: set a default remote (dvc remote add -d local /path/to/dir), then birdbone bump again "
+                "(the commit keeps its tag).",
                 file=sys.stderr,
             )
             return 2
@@ -243,9 +246,9 @@ def bump(args: argparse.Namespace) -> int:
 
 
 def check_weights(args: argparse.Namespace) -> int:
-    from birdbone.core.diffs import weight_problems
+    from birdbone.core.diffs import project_root, weight_problems
 
-    problems = weight_problems(Path.cwd())
+    problems = weight_problems(project_root())
     for problem in problems:
         print(f"birdbone check-weights: {problem}", file=sys.stderr)
     return 1 if problems else 0

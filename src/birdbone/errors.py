@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 
 class BirdboneError(Exception):
     """Base class: a problem with what the user gave bird-bone, not a bug in it."""
@@ -61,3 +64,28 @@ class OutputError(BirdboneError):
 
 class NonFiniteError(BirdboneError):
     """A model holds NaN or inf weights where finite ones are required."""
+
+
+def _excepthook(kind: Any, error: BaseException, trace: Any) -> None:
+    """A bad-input error is shown as its message (which names the fix), not a traceback,
+    also when Kedro wrapped it (a dataset's save fails as a ``DatasetError``)."""
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, BirdboneError):
+            sys.stderr.write(f"\nbird-bone stopped: {type(cause).__name__}\n{cause}\n")
+            return
+        seen.add(id(cause))
+        cause = cause.__cause__
+    _excepthook.previous(kind, error, trace)
+
+
+_excepthook.previous = sys.excepthook  # type: ignore[attr-defined]
+
+
+def install_excepthook() -> None:
+    """Puts ``_excepthook`` in front of whatever handles uncaught exceptions now (rich's
+    traceback printer, when Kedro fell back to its default logging outside the project
+    root), keeping that one for every other error. Idempotent."""
+    if sys.excepthook is not _excepthook:
+        _excepthook.previous = sys.excepthook  # type: ignore[attr-defined]
+        sys.excepthook = _excepthook

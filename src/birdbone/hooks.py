@@ -21,7 +21,7 @@ from birdbone import runstate
 from birdbone.config import Recipe, TrackingConfig, validate_recipe
 from birdbone.core import memory
 from birdbone.core.io import check_replaceable, flatten, write_json_atomic
-from birdbone.errors import ConfigError, OutputError
+from birdbone.errors import ConfigError, OutputError, install_excepthook
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class RecipeHook:
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         _ACTIVE["config_loader"] = context.config_loader  # before anything loads the pipelines
+        install_excepthook()  # again: Kedro's default logging (outside the root) installs rich's since
         root = self.root = Path(context.project_path).resolve()
         if Path.cwd().resolve() != root:
             raise ConfigError(
@@ -133,9 +134,9 @@ class RunStateHook:
                     len(swept),
                     ", ".join(str(p.relative_to(root)) for p in swept[:5]),
                 )
-            check_writable(_output_dirs(pipeline, catalog))
-            for folder in _replaced_folders(pipeline, catalog, recipe):
+            for folder in _replaced_folders(pipeline, catalog, recipe):  # first: the probe makes folders
                 check_replaceable(folder)
+            check_writable(_output_dirs(pipeline, catalog))
             resume = bool(run_params.get("only_missing_outputs")) and recipe.run.resume
             journal = runstate.Journal(root, recipe.hash(), resume)
             runstate.activate(journal)
@@ -157,6 +158,16 @@ class RunStateHook:
 
     @hook_impl(trylast=True)
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._release()
+
+    def on_interrupt(self, stop: BaseException) -> None:
+        """Ctrl-C or SIGTERM: the temporary files go (while the lock is still held), then the lock."""
+        root = self._recipe_hook.root
+        if self._lock is not None and root is not None:
+            with contextlib.suppress(OSError):
+                swept = runstate.sweep_temporaries(root)
+                if swept:
+                    log.warning("interrupted: removed %d temporary file(s)", len(swept))
         self._release()
 
 
@@ -354,6 +365,12 @@ class TrackingHook:
                 "record the error", self._mlflow.set_tag, "birdbone.error", f"{type(error).__name__}: {error}"[:5000]
             )
         self._end("FAILED")
+
+    def on_interrupt(self, stop: BaseException) -> None:
+        """Ctrl-C or SIGTERM: the MLflow run ends KILLED (MLflow's status for a stopped run)."""
+        if self._mlflow is not None:
+            self._call("record the stop", self._mlflow.set_tag, "birdbone.error", f"interrupted: {stop or 'Ctrl-C'}")
+        self._end("KILLED")
 
     def _end(self, status: str) -> None:
         if self._mlflow is not None:

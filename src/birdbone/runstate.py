@@ -22,7 +22,9 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -104,8 +106,32 @@ class RunLock:
         return self._fd is not None
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Any:
+    """SIGTERM raises ``KeyboardInterrupt`` (as Ctrl-C does) while the block runs, so a
+    terminated run unwinds and cleans up instead of dying where it stands."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# safetensors' writer (Rust's tempfile) stages a file as ``.tmp`` + 6 characters beside it
+_NATIVE_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
+
+
 def sweep_temporaries(root: str | os.PathLike[str]) -> list[Path]:
-    """Removes the ``.tmp-*`` files and folders a killed run left under data/ and models/.
+    """Removes the ``.tmp-*`` files and folders a killed run left under data/ and models/,
+    and safetensors' own ``.tmpXXXXXX`` staging files.
 
     Only safe while holding the run lock: no other run can be writing them."""
     removed = []
@@ -113,7 +139,8 @@ def sweep_temporaries(root: str | os.PathLike[str]) -> list[Path]:
         base = Path(root) / top
         if not base.is_dir():
             continue
-        for path in sorted(base.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts)):
+        found = [*base.rglob(f"{TMP_PREFIX}*"), *(p for p in base.rglob(".tmp*") if _NATIVE_TMP.match(p.name))]
+        for path in sorted(set(found), key=lambda p: len(p.parts)):
             if not path.exists() and not path.is_symlink():
                 continue  # inside a folder already removed
             if path.is_dir() and not path.is_symlink():

@@ -1,11 +1,11 @@
 """Kedro project settings."""
 
-import sys
 import warnings
 
 from kedro.framework.session import KedroSession
 
-from birdbone.errors import BirdboneError
+from birdbone import runstate
+from birdbone.errors import install_excepthook
 from birdbone.hooks import MemoryHook, RecipeHook, RunStateHook, TrackingHook
 
 _recipe_hook = RecipeHook()
@@ -17,11 +17,23 @@ class ResumingSession(KedroSession):
     """``kedro run`` resumes: a step whose persisted outputs this recipe already wrote whole
     is skipped (Kedro's ``--only-missing-outputs``, made the default). What counts as
     written is the run journal's call (``birdbone.runstate``): a changed recipe, or a file
-    replaced since, is made again; ``run.resume: false`` redoes everything."""
+    replaced since, is made again; ``run.resume: false`` redoes everything.
+
+    A run stopped by Ctrl-C or SIGTERM (which Kedro's hooks never hear of: it is no
+    ``Exception``) is told to the hooks' ``on_interrupt``: the MLflow run ends KILLED, the
+    temporary files go and the lock is released, then the interruption goes on up."""
 
     def run(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
         kwargs["only_missing_outputs"] = True
-        return super().run(*args, **kwargs)
+        with runstate.sigterm_as_interrupt():
+            try:
+                return super().run(*args, **kwargs)
+            except BaseException as stop:
+                if not isinstance(stop, Exception):  # KeyboardInterrupt (SIGINT, SIGTERM), SystemExit
+                    for hook in HOOKS:
+                        if hasattr(hook, "on_interrupt"):
+                            hook.on_interrupt(stop)
+                raise
 
 
 SESSION_CLASS = ResumingSession
@@ -31,20 +43,4 @@ CONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local"}
 # Kedro's own use of a deprecated OmegaConf call; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 
-_previous_excepthook = sys.excepthook
-
-
-def _excepthook(kind, error, trace):  # noqa: ANN001
-    """A bad-input error is shown as its message (which names the fix), not a traceback,
-    also when Kedro wrapped it (a dataset's save fails as a ``DatasetError``)."""
-    cause, seen = error, set()
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, BirdboneError):
-            sys.stderr.write(f"\nbird-bone stopped: {type(cause).__name__}\n{cause}\n")
-            return
-        seen.add(id(cause))
-        cause = cause.__cause__
-    _previous_excepthook(kind, error, trace)
-
-
-sys.excepthook = _excepthook
+install_excepthook()

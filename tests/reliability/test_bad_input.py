@@ -115,6 +115,42 @@ def _gpt2(tmp: Path) -> Path:
     return directory
 
 
+def _config_edit(**changes: Any) -> Callable[[Path], Path]:
+    """A tiny model whose config.json says ``changes`` while its weights stay as they were."""
+
+    def make(tmp: Path) -> Path:
+        import json
+
+        directory = _save_tiny(tmp / "m")
+        config = json.loads((directory / "config.json").read_text())
+        (directory / "config.json").write_text(json.dumps({**config, **changes}))
+        return directory
+
+    return make
+
+
+def _dev_zero_weights(tmp: Path) -> Path:
+    directory = _save_tiny(tmp / "m")
+    (directory / "model.safetensors").unlink()
+    os.symlink("/dev/zero", directory / "model.safetensors")
+    return directory
+
+
+def _gguf_without_tokenizer(tmp: Path) -> Path:
+    import gguf
+    import numpy as np
+
+    path = tmp / "bare.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # --------------------------------------------------------------------------- text files
 
 
@@ -128,6 +164,33 @@ def text_env(content: bytes | None, splits: dict[str, Any] | None = None, block:
             source = {"kind": "txt", "path": str(tmp / "text.txt")}
         data = {"sources": [source], "block_size": block, "splits": splits or SPLITS, "seed": 0}
         return env_with(project, "case", data=data), {}
+
+    return setup
+
+
+def special_text(path: str | None) -> Callable[[Path, Path], tuple[str, dict[str, Any]]]:
+    """A case whose text source is a FIFO (None) or a device such as /dev/zero."""
+
+    def setup(project: Path, tmp: Path) -> tuple[str, dict[str, Any]]:
+        where = path
+        if where is None:
+            os.mkfifo(tmp / "pipe.txt")
+            where = str(tmp / "pipe.txt")
+        data = {"sources": [{"kind": "txt", "path": where}], "block_size": 64, "splits": SPLITS, "seed": 0}
+        return env_with(project, "case", data=data), {}
+
+    return setup
+
+
+def task_env(line: str, kind: str = "canary", name: str | None = None) -> Callable:
+    """A case whose one task file holds ``line``."""
+
+    def setup(project: Path, tmp: Path) -> tuple[str, dict[str, Any]]:
+        (tmp / "task.jsonl").write_text(line + "\n")
+        task: dict[str, Any] = {"kind": kind, "path": str(tmp / "task.jsonl")}
+        if name is not None:
+            task["name"] = name
+        return "test", {"baseline": {"tasks": [task]}}
 
     return setup
 
@@ -232,6 +295,49 @@ CASES: dict[str, Case] = {
         ConfigError,
         [r"mc.jsonl:1 lacks \['choices', 'answer'\]", "Fix: add them"],
     ),
+    # issue 23: inputs that crashed, hung, loaded random weights or were silently misread
+    "config with more layers than the weights": Case(
+        model_env(_config_edit(num_hidden_layers=3)),
+        ConfigError,
+        [r"weights do not fit config.json \(3 layers", r"missing 9 \(model.layers.2", "Fix: put the config.json"],
+    ),
+    "config widths that disagree with the weights": Case(
+        model_env(_config_edit(intermediate_size=96)),
+        ConfigError,
+        [r"of another shape \(model.layers.0.mlp.down_proj.weight \[64, 128\] for \[64, 96\]", "Fix:"],
+    ),
+    "/dev/zero as weights": Case(model_env(_dev_zero_weights), ConfigError, ["not a regular file", "Fix: point at"]),
+    "GGUF without a tokenizer": Case(
+        model_env(_gguf_without_tokenizer),
+        ConfigError,
+        ["holds no tokenizer", "Fix: a GGUF written with its tokenizer"],
+    ),
+    "FIFO as text": Case(special_text(None), ConfigError, ["pipe.txt' is not a regular file", "FIFO"]),
+    "/dev/zero as text": Case(special_text("/dev/zero"), ConfigError, ["'/dev/zero' is not a regular file"]),
+    "int prompt in a canary": Case(
+        task_env('{"prompt": 5, "expected": "x"}'), ConfigError, ["'prompt' must be non-empty text, got 5"]
+    ),
+    "empty prompt in a canary": Case(
+        task_env('{"prompt": " ", "expected": "x"}'), ConfigError, ["'prompt' must be non-empty text"]
+    ),
+    "list as expected": Case(
+        task_env('{"prompt": "2+2=", "expected": ["4"]}'), ConfigError, [r"'expected' must be non-empty text"]
+    ),
+    "null question": Case(
+        task_env('{"question": null, "choices": ["a", "b"], "answer": 0}', "multiple_choice"),
+        ConfigError,
+        ["'question' must be non-empty text, got None"],
+    ),
+    "answer true": Case(
+        task_env('{"question": "q?", "choices": ["a", "b"], "answer": true}', "multiple_choice"),
+        ConfigError,
+        ["'answer' must be the index", "got True"],
+    ),
+    "task name MLflow refuses": Case(
+        task_env('{"prompt": "2+2=", "expected": "4"}', name="Q&A: general"),
+        ConfigError,
+        ["task name 'Q&A: general' has characters MLflow refuses", "Fix: name: Q_A_ general"],
+    ),
 }
 
 
@@ -269,3 +375,18 @@ def test_the_cli_prints_the_message_not_a_traceback(finished, tmp_path):
     assert done.returncode != 0
     assert "bird-bone stopped: ConfigError" in done.stderr and "did you mean 'method'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_kedro_run_from_a_subfolder_prints_the_message_not_a_traceback(finished):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kedro", "run", "--env", "test"],
+        cwd=finished / "conf",
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "bird-bone stopped: ConfigError" in done.stderr and f"Fix: cd {finished.resolve()} first" in done.stderr
+    assert "Traceback" not in done.stderr and "❱" not in done.stderr, done.stderr[-3000:]

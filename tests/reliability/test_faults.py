@@ -189,3 +189,45 @@ def test_resumed_artifacts_are_compared_without_timings_only(reference):
     summary = compared["data/08_reporting/summary.json"]
     assert "ppl_test" in summary["quantize"] and "tokens_per_s" not in summary["baseline"]
     assert summary["memory"]["decay"] == {"per_stage": True}  # the peak itself is a measurement
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_end_the_mlflow_run_killed_release_the_lock_and_sweep(tmp_path, stop):
+    import mlflow
+
+    project = make_project(tmp_path / "project")
+    process = kedro(project, "--params", SLOWER)
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "Running node: export" in line:
+            deadline = time.monotonic() + 10
+            while not list(project.glob("models/.tmp-export.*")) and time.monotonic() < deadline:
+                time.sleep(0.001)  # stop it while the export is being written
+            os.kill(process.pid, stop)
+            break
+    seen += process.stderr.readlines()
+    process.wait(timeout=120)
+    log = "".join(seen)
+    assert process.returncode != 0, log[-3000:]
+    assert "KeyboardInterrupt" in log or "stopped by signal" in log or "Aborted" in log, log[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["birdbone"])
+    assert list(runs["status"]) == ["KILLED"], log[-3000:]
+    assert not (project / ".birdbone" / "run.lock").read_text(), "the lock was not released"
+    assert not [p for top in ("data", "models") for p in (project / top).rglob(".tmp*")]
+    assert not (project / "models" / "export").exists()  # the half-written export never took its name
+
+
+def test_the_sweep_takes_safetensors_own_staging_files_too(tmp_path):
+    from birdbone.runstate import sweep_temporaries
+
+    (tmp_path / "data" / "03_primary").mkdir(parents=True)
+    (tmp_path / "models" / "healed").mkdir(parents=True)
+    staged = [tmp_path / "data/03_primary/.tmpAb12Cd", tmp_path / "models/healed/.tmp-model.safetensors.x1"]
+    kept = [tmp_path / "data/03_primary/.tmpnotes.txt", tmp_path / "models/healed/model.safetensors"]
+    for path in staged + kept:
+        path.write_bytes(b"x")
+    assert sorted(sweep_temporaries(tmp_path)) == sorted(staged)
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in staged)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,36 @@ def mask_delta(before: MaskSet | None, after: MaskSet | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading revisions
+
+
+def run_dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``dvc ARGS`` through this interpreter (``python -m dvc``): the venv's DVC, also when
+    the venv is not activated, as under the git hooks."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The bird-bone project ``start`` (default: the working directory) is in: the nearest
+    folder up from it with a Kedro ``pyproject.toml``.
+
+    Raises:
+        DiffError: none (run outside a project).
+    """
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file() and "[tool.kedro]" in pyproject.read_text(errors="replace"):
+            return folder
+    raise DiffError(
+        f"{start} is not inside a bird-bone project (no pyproject.toml with [tool.kedro] above it). "
+        "Fix: cd into the project."
+    )
+
+
+def version_tags(root: Path, commit: str) -> list[str]:
+    """The ``model-v<N>`` tags that point at ``commit``, oldest number first."""
+    tags = git(root, "tag", "--list", "model-v*", "--points-at", commit).split()
+    return sorted((t for t in tags if t.removeprefix("model-v").isdigit()), key=lambda t: int(t[7:]))
 
 
 def git(root: Path, *args: str) -> str:
@@ -213,18 +244,28 @@ def weight_problems(root: Path) -> list[str]:
         recorded = json.loads(sidecar.read_text()).get("sha256", {})
         for name, digest in recorded.items():
             path = sidecar.parent / name
-            if path.is_file() and sha256_file(path) != digest:
+            if not path.is_file():
+                problems.append(
+                    f"{path.relative_to(root)} is missing: {sidecar.relative_to(root)} records it. "
+                    "Fix: dvc checkout to restore it, or rerun the stage (dvc repro)."
+                )
+            elif sha256_file(path) != digest:
                 problems.append(
                     f"{path.relative_to(root)} differs from the SHA-256 in {sidecar.relative_to(root)}: it was "
                     "changed after the stage wrote it. Fix: rerun the stage (dvc repro), or dvc checkout to restore it."
                 )
     if (root / "dvc.lock").is_file() and (root / ".dvc").is_dir():
-        done = subprocess.run(["dvc", "status", "--json"], cwd=root, capture_output=True, text=True)
-        status = json.loads(done.stdout or "{}") if done.returncode == 0 else {}
+        done = run_dvc(root, "status", "--json")
+        if done.returncode:
+            raise DiffError(
+                f"dvc status failed in {root}: {(done.stderr or done.stdout).strip()[-500:]}. "
+                "Fix: check the DVC set-up (dvc doctor), then commit again."
+            )
+        status = json.loads(done.stdout or "{}")
         for stage, changes in status.items():
             for change in changes if isinstance(changes, list) else []:
                 for path, state in (change.get("changed outs") or {}).items() if isinstance(change, dict) else []:
-                    if str(path).startswith("models") and state == "modified":
+                    if str(path).startswith("models") and state in ("modified", "deleted"):
                         problems.append(
                             f"{path} (stage {stage}) differs from what dvc.lock records. Fix: dvc commit {stage} "
                             "(or dvc repro) and git add dvc.lock, or dvc checkout to restore it."

@@ -342,6 +342,8 @@ def check_gguf(path: Path) -> None:
     """Checks a GGUF file's magic, that its tensor table fits the file, and that its
     architecture is one bird-bone walks, without dequantizing anything."""
     fix = "Fix: download or export the file again."
+    if not Path(path).is_file():
+        raise ModelSourceError(f"{path} is not a regular file (a folder, FIFO or device). Fix: point at a .gguf file.")
     with open(path, "rb") as handle:
         magic = handle.read(4)
     if magic != b"GGUF":
@@ -360,6 +362,13 @@ def check_gguf(path: Path) -> None:
         raise UnsupportedArchitectureError(
             f"{path} holds a '{arch}' model; bird-bone walks the decoder blocks of: {', '.join(sorted(ADAPTERS))}. "
             "Fix: use a model of one of these families."
+        )
+    missing = [key for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens") if key not in reader.fields]
+    if missing:
+        raise ModelSourceError(
+            f"{path} holds no tokenizer ({', '.join(missing)} absent): bird-bone reads the text with the model's "
+            "own tokenizer. Fix: a GGUF written with its tokenizer (llama.cpp's convert_hf_to_gguf.py writes it), "
+            "or the model directory (model.source.kind: hf_dir)."
         )
 
 

@@ -160,7 +160,20 @@ def write_report(root: Path) -> tuple[str, Path, Path]:
     path = root / REPORTS / "summary.json"
     if not path.is_file():
         raise ReportError(f"no run to report on: {path} does not exist. Fix: kedro run (or dvc repro) first.")
-    summary = json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ReportError(
+            f"{path} is not readable JSON ({exc}): a run was cut short while writing it, or it was edited. "
+            "Fix: rerun the last stage (kedro run resumes; dvc repro), which writes it again."
+        ) from None
+    if not isinstance(summary, dict) or not all(
+        isinstance(v, dict | list | str | int | float | None) for v in summary.values()
+    ):
+        raise ReportError(
+            f"{path} holds a JSON {type(summary).__name__}, not the object of sections a run writes. "
+            "Fix: rerun the last stage (kedro run resumes; dvc repro), which writes it again."
+        )
     report_rows = rows(summary)
     name = (summary.get("model") or {}).get("name", "model")
     text = table(report_rows)

@@ -119,5 +119,8 @@ def test_every_file_of_the_folder_is_packed_the_adapter_too(tiny_bundle, model_d
     import shutil
 
     shutil.rmtree(back / "adapter")
-    with pytest.raises(ModelSourceError, match=r"adapter is missing.*1 weights have low-rank corrections.*Fix: copy"):
+    from kedro.io import DatasetError
+
+    with pytest.raises(DatasetError, match=r"adapter is missing.*1 weights have low-rank corrections.*Fix: copy") as e:
         ModelDataset(str(back)).load()
+    assert isinstance(e.value.__cause__, ModelSourceError)
