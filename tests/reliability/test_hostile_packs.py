@@ -252,3 +252,11 @@ def test_pack_of_a_text_file_or_to_a_folder_is_named(tmp_path):
     (tmp_path / "fake.safetensors").write_text("text")
     with pytest.raises(PackError, match="not a readable safetensors file"):
         compress_model(tmp_path / "fake.safetensors", tmp_path / "m.pack")
+
+
+def test_a_name_used_twice_is_refused(tmp_path):
+    meta = {"format": FORMAT, "files": {}, "blobs": {"a": 1, "a/b": 1}}
+    pack = craft(tmp_path / "twice.pack", meta, {"blob/a": blob(b"x"), "blob/a/b": blob(b"y")})
+    with pytest.raises(PackError, match="a is named twice"):
+        decompress_model(pack, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

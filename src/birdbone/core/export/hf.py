@@ -34,7 +34,7 @@ def write_hf(
     uniform = not getattr(model.config, structure.LAYER_SHAPES, None)
     out = modeling.ModelBundle(copy.deepcopy(model).to(modeling.DTYPES[dtype]), bundle.tokenizer, bundle.adapter)
     out.model.config.dtype = dtype
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, overwrite) as tmp:
         modeling.save_model(out, tmp)
     files = sorted(directory.glob("*.safetensors"))
     weights = sum(p.stat().st_size for p in files)

@@ -649,8 +649,9 @@ def decompress_model(
             raise _malformed(pack, f"file {name} is missing from its parts")
         total += size
     clashes = sorted(str(n) for n in names if any(n in other.parents for other in names))
+    clashes += sorted(set(meta["files"]) & set(meta["blobs"]))
     if clashes:
-        raise _malformed(pack, f"{clashes[0]} is named both as a file and as a folder")
+        raise _malformed(pack, f"{clashes[0]} is named twice (as a file and a folder, or as weights and a file)")
     if total > limit:
         raise PackError(
             f"{pack} would inflate to {total / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB allowed "
