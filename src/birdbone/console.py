@@ -291,7 +291,7 @@ def pack(args: argparse.Namespace) -> int:
 
 
 def unpack(args: argparse.Namespace) -> int:
-    from birdbone.core.export.pack import decompress_model
+    from birdbone.core.export.unpack import decompress_model
 
     print(decompress_model(args.pack, args.target, args.overwrite, args.max_bytes))
     return 0

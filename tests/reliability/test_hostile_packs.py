@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from birdbone.core.export.pack import FORMAT, compress_model, decompress_model
+from birdbone.core.export.pack import FORMAT, compress_model
+from birdbone.core.export.unpack import decompress_model
 from birdbone.errors import PackError
 
 
@@ -200,7 +201,7 @@ def test_bombs_are_refused_with_bounded_memory(tmp_path, kind):
     # the same in a fresh process, its peak memory measured: no decoder allocated the bomb
     code = (
         "import re\n"
-        "from birdbone.core.export.pack import decompress_model\n"
+        "from birdbone.core.export.unpack import decompress_model\n"
         "from birdbone.errors import PackError\n"
         "try:\n"
         f"    decompress_model({str(pack)!r}, {str(tmp_path / 'out2')!r})\n"

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from birdbone.core.export.pack import STRATEGIES, compress_model, decompress_model
+from birdbone.core.export.pack import STRATEGIES, compress_model
+from birdbone.core.export.unpack import decompress_model
 from birdbone.core.masks import MaskSet
 from birdbone.core.quantize import Grid, QuantTable, head_weights, quantize_model_
 from birdbone.datasets import ModelDataset
