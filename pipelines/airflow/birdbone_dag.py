@@ -59,9 +59,9 @@ def birdbone():
     def cache_teacher():
         _run_kedro_node(node_names=["cache_teacher"])
 
-    @task(task_id="measure-quality")
-    def measure_quality():
-        _run_kedro_node(node_names=["measure_quality"])
+    @task(task_id="generate-general")
+    def generate_general():
+        _run_kedro_node(node_names=["generate_general"])
 
     @task(task_id="measure-size")
     def measure_size():
@@ -82,6 +82,10 @@ def birdbone():
     @task(task_id="score-tasks")
     def score_tasks():
         _run_kedro_node(node_names=["score_tasks"])
+
+    @task(task_id="measure-quality")
+    def measure_quality():
+        _run_kedro_node(node_names=["measure_quality"])
 
     @task(task_id="plot-profile")
     def plot_profile():
@@ -164,12 +168,13 @@ def birdbone():
         "import-model": import_model(),
         "cache-heal-teacher": cache_heal_teacher(),
         "cache-teacher": cache_teacher(),
-        "measure-quality": measure_quality(),
+        "generate-general": generate_general(),
         "measure-size": measure_size(),
         "measure-speed": measure_speed(),
         "profile-model": profile_model(),
         "scan-spectra": scan_spectra(),
         "score-tasks": score_tasks(),
+        "measure-quality": measure_quality(),
         "plot-profile": plot_profile(),
         "report-baseline": report_baseline(),
         "wave-0-start": wave_0_start(),
@@ -195,8 +200,7 @@ def birdbone():
     tasks["import-model"] >> tasks["cache-heal-teacher"]
     tasks["build-blocks"] >> tasks["cache-teacher"]
     tasks["import-model"] >> tasks["cache-teacher"]
-    tasks["build-blocks"] >> tasks["measure-quality"]
-    tasks["import-model"] >> tasks["measure-quality"]
+    tasks["import-model"] >> tasks["generate-general"]
     tasks["import-model"] >> tasks["measure-size"]
     tasks["build-blocks"] >> tasks["measure-speed"]
     tasks["import-model"] >> tasks["measure-speed"]
@@ -204,13 +208,16 @@ def birdbone():
     tasks["import-model"] >> tasks["profile-model"]
     tasks["import-model"] >> tasks["scan-spectra"]
     tasks["import-model"] >> tasks["score-tasks"]
+    tasks["build-blocks"] >> tasks["measure-quality"]
+    tasks["import-model"] >> tasks["measure-quality"]
+    tasks["generate-general"] >> tasks["measure-quality"]
     tasks["profile-model"] >> tasks["plot-profile"]
     tasks["build-blocks"] >> tasks["report-baseline"]
-    tasks["measure-quality"] >> tasks["report-baseline"]
     tasks["measure-size"] >> tasks["report-baseline"]
     tasks["measure-speed"] >> tasks["report-baseline"]
     tasks["scan-spectra"] >> tasks["report-baseline"]
     tasks["score-tasks"] >> tasks["report-baseline"]
+    tasks["measure-quality"] >> tasks["report-baseline"]
     tasks["build-blocks"] >> tasks["wave-0-start"]
     tasks["import-model"] >> tasks["wave-0-start"]
     tasks["measure-quality"] >> tasks["wave-0-start"]

@@ -257,8 +257,25 @@ class SplitsConfig(Stage):
         return self.test + self.validation + self.calibration + heal
 
 
+class GeneralTextConfig(Stage):
+    """The general split: text the dense model writes itself (``core.generate``), which no
+    stage trains on, so its perplexity, KL and top-1 agreement with dense say what a model
+    lost outside the user's text. ``blocks: 0`` turns it off.
+
+    Example::
+
+        general: {blocks: 32, temperature: 1.0, seed: 1, batch_size: 32}
+    """
+
+    blocks: NonNegativeInt = 32
+    temperature: Annotated[float, Field(gt=0, le=4)] = 1.0
+    seed: NonNegativeInt = 1
+    batch_size: PositiveInt = 32  # sequences written at once (on 2 cores, 32 x 512 tokens in 104 s)
+
+
 class DataConfig(Stage):
-    """Text in: sources, block length, and the seeded, disjoint splits.
+    """Text in: sources, block length, the seeded, disjoint splits, and the general split
+    the dense model writes (``general``, one block of ``block_size`` tokens each).
 
     Example (``conf/base/parameters_data.yml``)::
 
@@ -276,6 +293,7 @@ class DataConfig(Stage):
     splits: SplitsConfig = SplitsConfig()
     seed: NonNegativeInt = 0
     shuffle_documents: bool = True
+    general: GeneralTextConfig = GeneralTextConfig()
 
 
 # --------------------------------------------------------------------------- baseline

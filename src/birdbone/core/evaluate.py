@@ -43,17 +43,30 @@ def _batches(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: An
 
 @torch.no_grad()
 def teacher_topk(
-    model: nn.Module, blocks: torch.Tensor, k: int = 32, batch_size: int = 4, device: torch.device | str = "cpu"
+    model: nn.Module,
+    blocks: torch.Tensor,
+    k: int = 32,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    with_nll: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The (dense) teacher's top-k next-token log-probabilities and token ids for every
-    scored position of ``blocks``: ``index`` int32 and ``logprob`` float32, ``[n, L-1, k]``."""
+    scored position of ``blocks``: ``index`` int32 and ``logprob`` float32, ``[n, L-1, k]``;
+    with ``with_nll`` also ``nll``, its own mean negative log-likelihood of the blocks (a
+    float64 scalar: its perplexity, from the same pass)."""
     _check_blocks(blocks)
-    index, logprob = [], []
-    for _, _, logits in _batches(model, blocks, batch_size, device, "teacher logits"):
-        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    index, logprob, total = [], [], 0.0
+    for _, ids, logits in _batches(model, blocks, batch_size, device, "teacher logits"):
+        full = torch.log_softmax(logits, dim=-1)
+        top = full.topk(k, dim=-1)
         index.append(top.indices.to(torch.int32).cpu())
         logprob.append(top.values.cpu())
-    return {"index": torch.cat(index), "logprob": torch.cat(logprob)}
+        if with_nll:
+            total -= float(full.gather(-1, ids[:, 1:, None]).sum())
+    out = {"index": torch.cat(index), "logprob": torch.cat(logprob)}
+    if with_nll:
+        out["nll"] = torch.tensor(total / (blocks.shape[0] * (blocks.shape[1] - 1)), dtype=torch.float64)
+    return out
 
 
 def topk_kl(teacher_logprob: torch.Tensor, teacher_index: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -75,16 +88,19 @@ def quality(
     batch_size: int = 4,
     device: torch.device | str = "cpu",
     desc: str = "quality",
+    with_top1: bool = False,
 ) -> dict[str, float]:
     """Perplexity and, given the teacher's ``teacher_topk`` on the same blocks, the mean
-    per-token KL from the teacher, in one pass."""
+    per-token KL from the teacher (over its top-k plus the rest: a lower bound of the full
+    KL) and ``top1``, the share of positions where the model's most likely next token is
+    the teacher's, in one pass."""
     _check_blocks(blocks)
     if teacher is not None and tuple(teacher["index"].shape[:2]) != (blocks.shape[0], blocks.shape[1] - 1):
         raise ValueError(
             f"teacher logits cover {tuple(teacher['index'].shape[:2])} positions, the blocks "
             f"{(blocks.shape[0], blocks.shape[1] - 1)}: they were cached for other text. Fix: rerun the baseline"
         )
-    total_nll, total_kl, total_tokens = 0.0, 0.0, 0
+    total_nll, total_kl, total_tokens, agree = 0.0, 0.0, 0, 0
     for start, ids, logits in _batches(model, blocks, batch_size, device, desc):
         targets = ids[:, 1:]
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
@@ -94,11 +110,15 @@ def quality(
             end = start + ids.shape[0]
             logprob, index = (teacher[key][start:end].to(logits.device) for key in ("logprob", "index"))
             total_kl += float(topk_kl(logprob, index, logits).sum())
+            if with_top1:
+                agree += int((logits.argmax(-1) == index[..., 0].long()).sum())
     mean = total_nll / total_tokens
     # a broken model's loss can pass exp's range, or be NaN: the gate reads inf / nan as non-finite
     result = {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": total_tokens}
     if teacher is not None:
         result["kl"] = total_kl / total_tokens
+        if with_top1:
+            result["top1"] = agree / total_tokens
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from birdbone.config import BaselineConfig, DataConfig, ModelConfig, RunConfig, validate_recipe
-from birdbone.core import data, evaluate, modeling, plots, spectra, speed, tasks
+from birdbone.core import data, evaluate, generate, modeling, plots, spectra, speed, tasks
 from birdbone.pipelines import runtime
 
 
@@ -29,17 +30,57 @@ def import_model(model: dict[str, Any], run: dict[str, Any], blocks: dict[str, t
     return bundle
 
 
+def generate_general(
+    bundle: modeling.ModelBundle, text: dict[str, Any], baseline: dict[str, Any], run: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The general split: blocks the dense model writes itself (``core.generate``), and its
+    own top-k predictions on them, which every later stage is compared with. Empty when
+    ``data.general.blocks`` is 0."""
+    config = DataConfig.model_validate(text)
+    general = config.general
+    if general.blocks == 0:
+        return {}
+    device = runtime(run)
+    model = bundle.model.to(device)
+    blocks = generate.sample_blocks(
+        model,
+        bundle.tokenizer,
+        general.blocks,
+        config.block_size,
+        general.seed,
+        general.temperature,
+        general.batch_size,
+        device,
+    )
+    batch = BaselineConfig.model_validate(baseline).batch_size
+    return {"blocks": blocks, **evaluate.teacher_topk(model, blocks, GENERAL_TOPK, batch, device, with_nll=True)}
+
+
+GENERAL_TOPK = 32  # the dense model's predictions kept per position of the general split
+
+
 def measure_quality(
-    bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], baseline: dict[str, Any], run: dict[str, Any]
+    bundle: modeling.ModelBundle,
+    blocks: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
+    baseline: dict[str, Any],
+    run: dict[str, Any],
 ) -> dict[str, Any]:
-    """Token-weighted perplexity on the validation and test splits."""
+    """Token-weighted perplexity on the validation and test splits, and on the general
+    split (from the pass that recorded dense's predictions on it: the baseline is dense,
+    so its KL to dense is 0 and its top-1 agreement 1 by definition)."""
     device = runtime(run)
     model = bundle.model.to(device)
     batch = BaselineConfig.model_validate(baseline).batch_size
-    return {
+    out = {
         split: evaluate.perplexity(model, blocks[split], batch, device, f"perplexity ({split})")
         for split in ("validation", "test")
     }
+    if general:
+        nll = float(general["nll"])
+        tokens = general["blocks"].shape[0] * (general["blocks"].shape[1] - 1)
+        out["general"] = {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "kl": 0.0, "top1": 1.0}
+    return out
 
 
 def score_tasks(bundle: modeling.ModelBundle, baseline: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +138,7 @@ def report_baseline(
     metrics = {
         "baseline.ppl_val": quality["validation"]["ppl"],
         "baseline.ppl_test": quality["test"]["ppl"],
+        **({"baseline.ppl_general": quality["general"]["ppl"]} if "general" in quality else {}),
         "baseline.params": float(size["params"]),
         "baseline.bytes": float(size["bytes"] or 0),
         "baseline.decode_tokens_per_s": speeds["decode_tokens_per_s"],
@@ -116,6 +158,7 @@ def summarize(parameters: dict[str, Any], report: dict[str, Any]) -> dict[str, A
         "baseline": {
             "ppl_val": report["quality"]["validation"]["ppl"],
             "ppl_test": report["quality"]["test"]["ppl"],
+            "ppl_general": (report["quality"].get("general") or {}).get("ppl"),
             "params": report["size"]["params"],
             "bytes": report["size"]["bytes"],
             "tokens_per_s": report["speed"]["decode_tokens_per_s"],

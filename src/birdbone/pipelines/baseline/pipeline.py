@@ -11,8 +11,14 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(nodes.build_blocks, ["params:model", "params:data"], ["blocks", "text_report"], name="build_blocks"),
             Node(nodes.import_model, ["params:model", "params:run", "blocks"], "baseline_model", name="import_model"),
             Node(
+                nodes.generate_general,
+                ["baseline_model", "params:data", "params:baseline", "params:run"],
+                "general",
+                name="generate_general",
+            ),
+            Node(
                 nodes.measure_quality,
-                ["baseline_model", "blocks", "params:baseline", "params:run"],
+                ["baseline_model", "blocks", "general", "params:baseline", "params:run"],
                 "baseline_quality",
                 name="measure_quality",
             ),
