@@ -85,7 +85,7 @@ def _dec_gzip(parts: Parts, dtype: torch.dtype, shape: list[int], info: Any) -> 
 
 def _word(dtype: torch.dtype) -> type:
     """The unsigned integer type as wide as one element of ``dtype``."""
-    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[torch.empty(0, dtype=dtype).element_size()]
+    return {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
 
 
 def _words(t: torch.Tensor) -> np.ndarray:

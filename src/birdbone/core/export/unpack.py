@@ -67,10 +67,6 @@ def _malformed(pack: Path, what: str) -> PackError:
     )
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def _read_table(pack: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The pack's JSON table (its format checked) and its stored parts (uint8, 1-D)."""
     if not pack.exists():
@@ -140,7 +136,7 @@ def _check_parts(strategy: str, parts: Parts, dtype: torch.dtype, shape: list[in
     """What is wrong with the parts of one tensor (sizes against its declared shape), or None.
     Checked before decoding, so no decoder allocates what a crafted size says."""
     n = math.prod(shape)
-    width = _element_size(dtype)
+    width = dtype.itemsize
     bitmap = (n + 7) // 8
     expected = {
         "raw": {"data"},
@@ -171,7 +167,7 @@ def _check_parts(strategy: str, parts: Parts, dtype: torch.dtype, shape: list[in
         rows, cols = shape
         per = 8 // grid.bits if grid.bits in (4, 2) and n % (8 // grid.bits) == 0 else None
         codes_size = n if grid.bits == 8 else n // per if per else (n * grid.bits + 7) // 8
-        scale = _element_size(_scale_dtype(grid))
+        scale = _scale_dtype(grid).itemsize
         groups = size["d"] // scale // rows if rows and size["d"] % (scale * rows) == 0 else 0
         if size["codes"] != codes_size:
             return f"{size['codes']} bytes of codes for {codes_size}"
@@ -203,7 +199,8 @@ def decompress_model(
     The pack is read as hostile: names must be plain relative paths inside ``target``,
     every part's size must match its tensor's declared shape, and the whole must inflate
     to at most ``max_bytes`` (default: ``MAX_RATIO`` times the pack's size, at least
-    ``MIN_LIMIT``), all checked before anything is written.
+    ``MIN_LIMIT``), all checked before anything is written; gzip data is inflated while
+    writing, capped at its declared size.
 
     Raises:
         PackError: a missing, malformed, crafted or too large pack; ``target`` exists and
@@ -214,6 +211,11 @@ def decompress_model(
         raise PackError(f"{target} exists. Fix: choose another path, or pass overwrite (birdbone unpack --overwrite).")
     meta, stored = _read_table(pack)
     limit = max_bytes if max_bytes is not None else max(MAX_RATIO * pack.stat().st_size, MIN_LIMIT)
+    parts: dict[str, Parts] = {}  # "file/tensor" -> its parts, each as numpy bytes
+    for key, value in stored.items():
+        if "::" in key:  # the rest are the other files' blobs
+            owner, _, part = key.rpartition("::")
+            parts.setdefault(owner, {})[part] = value.numpy()
     plans: dict[str, dict[str, tuple[str, torch.dtype, list[int], Grid | None]]] = {}
     names: set[PurePosixPath] = set()
     total = 0
@@ -229,7 +231,7 @@ def decompress_model(
         for name, t in entry["tensors"].items():
             plan = _tensor_plan(pack, file, name, t)
             plans[file][name] = plan
-            total += math.prod(plan[2]) * _element_size(plan[1])
+            total += math.prod(plan[2]) * plan[1].itemsize
     for name, size in meta["blobs"].items():
         names.add(safe_relative(name, "file"))
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -248,22 +250,24 @@ def decompress_model(
             "compressible than any bird-bone writes. Fix: if you trust the file, raise the limit "
             "(birdbone unpack --max-bytes N)."
         )
+    for file, tensors_plan in plans.items():  # within the limit: the parts against their shapes
+        for name, (strategy, dtype, shape, grid) in tensors_plan.items():
+            problem = _check_parts(strategy, parts.get(f"{file}/{name}", {}), dtype, shape, grid)
+            if problem is not None:
+                raise _malformed(pack, f"tensor {name} of {file}: {problem}")
     with atomic_dir(target, overwrite=overwrite) as tmp:
         for file, tensors_plan in plans.items():
             tensors = {}
             for name, (strategy, dtype, shape, grid) in tensors_plan.items():
-                prefix = f"{file}/{name}::"
-                parts = {k[len(prefix) :]: v.numpy() for k, v in stored.items() if k.startswith(prefix)}
-                problem = _check_parts(strategy, parts, dtype, shape, grid)
-                if strategy == "gzip" and problem is None:
-                    inflated = _inflate(parts["data"], math.prod(shape) * _element_size(dtype))
+                own = parts[f"{file}/{name}"]
+                if strategy == "gzip":  # inflated here, one tensor at a time, capped at its size
+                    inflated = _inflate(own["data"], math.prod(shape) * dtype.itemsize)
                     if inflated is None:
-                        problem = "its gzip data does not inflate to the declared size"
-                    parts = {"data": np.frombuffer(inflated or b"", dtype=np.uint8)}
-                    strategy = "raw"
-                if problem is not None:
-                    raise _malformed(pack, f"tensor {name} of {file}: {problem}")
-                tensors[name] = STRATEGIES[strategy][1](parts, dtype, shape, grid)
+                        raise _malformed(
+                            pack, f"tensor {name} of {file}: its gzip data does not inflate to the declared size"
+                        )
+                    own, strategy = {"data": np.frombuffer(inflated, dtype=np.uint8)}, "raw"
+                tensors[name] = STRATEGIES[strategy][1](own, dtype, shape, grid)
             path = _inside(tmp, safe_relative(file, "file"))
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(path), metadata=meta["files"][file].get("metadata") or None)
