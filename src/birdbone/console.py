@@ -71,13 +71,13 @@ def _check_heal_args(args: argparse.Namespace) -> None:
     """Every heal argument checked before anything is loaded: each problem a named error."""
     import math
 
-    from birdbone.core.io import check_replaceable
+    from birdbone.core.io import OWNER_FILE, check_replaceable
     from birdbone.errors import ConfigError, ModelSourceError, TextSourceError
 
     model = args.model
     if not model.exists():
         raise ModelSourceError(f"no model at {model}. Fix: a bird-bone model directory, such as models/decayed.")
-    if not model.is_dir() or not (model / "birdbone.json").is_file():
+    if not model.is_dir() or not (model / OWNER_FILE).is_file():
         raise ModelSourceError(
             f"{model} is not a bird-bone model directory (no birdbone.json). "
             "Fix: a folder a stage wrote (models/decayed, models/waves/wave_3), not a file or another folder."
@@ -199,7 +199,6 @@ def params(args: argparse.Namespace) -> int:
     from birdbone.errors import ConfigError
 
     conf = args.conf
-    _check_env(conf, args.env)
     if args.out.is_dir():
         raise ConfigError(
             f"--out {args.out} is a folder; the recipe is one YAML file. Fix: --out {args.out}/params.yaml."
@@ -226,9 +225,8 @@ def bump(args: argparse.Namespace) -> int:
         if already:
             print(f"{bundle['commit'][:12]} is already {already[0]}; no new tag")
         else:
-            tags = diffs.git(root, "tag", "--list", "model-v*").split()
-            numbers = [int(t.removeprefix("model-v")) for t in tags if t.removeprefix("model-v").isdigit()]
-            tag = f"model-v{max(numbers, default=0) + 1}"
+            last = diffs.version_tags(root)[-1:]
+            tag = f"model-v{int(last[0][7:]) + 1 if last else 1}"
             diffs.git(root, "tag", "-a", tag, bundle["commit"], "-m", f"bird-bone model {tag}: {bundle['message']}")
             print(f"tagged {bundle['commit'][:12]} as {tag}")
     if args.push:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from birdbone import runstate
 from birdbone.core import modeling, waves
 from birdbone.core.io import (
+    OWNER_FILE,
     OWNER_MARK,
     TMP_PREFIX,
     atomic_dir,
@@ -29,7 +30,7 @@ from birdbone.core.lowrank import ADAPTER_DIR, load_adapter, save_adapter
 from birdbone.core.masks import MaskSet
 from birdbone.core.quantize import QUANT_FILE, QuantTable
 
-SIDECAR = "birdbone.json"
+SIDECAR = OWNER_FILE  # a model's sidecar is the mark of a folder bird-bone wrote
 MASKS = "masks.safetensors"
 
 

@@ -66,24 +66,21 @@ class RecipeHook:
         log.info("recipe valid (hash %s)", self.recipe.hash()[:12])
 
 
+def _output_datasets(pipeline: Any, catalog: Any) -> list[Any]:
+    """The catalog datasets of the pipeline's outputs that are persisted at a path."""
+    names = pipeline.outputs() | {o for n in pipeline.nodes for o in n.outputs}
+    datasets = [catalog.get(name, fallback_to_runtime_pattern=True) for name in names if name in catalog]
+    return [d for d in datasets if getattr(d, "_path", None) is not None]
+
+
 def _output_dirs(pipeline: Any, catalog: Any) -> list[Path]:
     """The folders the pipeline's persisted outputs go into (each dataset's parent)."""
-    dirs = set()
-    for name in pipeline.outputs() | {o for n in pipeline.nodes for o in n.outputs}:
-        dataset = catalog.get(name, fallback_to_runtime_pattern=True) if name in catalog else None
-        path = getattr(dataset, "_path", None)
-        if path is not None:
-            dirs.add(Path(path).parent)
-    return sorted(dirs)
+    return sorted({Path(d._path).parent for d in _output_datasets(pipeline, catalog)})
 
 
 def _replaced_folders(pipeline: Any, catalog: Any, recipe: Recipe) -> list[Path]:
     """The folders the run replaces whole: its model and wave datasets, and the export folder."""
-    folders = set()
-    for name in pipeline.outputs() | {o for n in pipeline.nodes for o in n.outputs}:
-        dataset = catalog.get(name, fallback_to_runtime_pattern=True) if name in catalog else None
-        if getattr(dataset, "replaces_folder", False):
-            folders.add(Path(dataset._path))
+    folders = {Path(d._path) for d in _output_datasets(pipeline, catalog) if getattr(d, "replaces_folder", False)}
     if any(node.name.startswith("export") for node in pipeline.nodes):
         folders.add(Path(recipe.export.path))
     return sorted(folders)

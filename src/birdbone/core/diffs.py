@@ -108,9 +108,9 @@ def project_root(start: Path | None = None) -> Path:
     )
 
 
-def version_tags(root: Path, commit: str) -> list[str]:
-    """The ``model-v<N>`` tags that point at ``commit``, oldest number first."""
-    tags = git(root, "tag", "--list", "model-v*", "--points-at", commit).split()
+def version_tags(root: Path, commit: str | None = None) -> list[str]:
+    """The ``model-v<N>`` tags (those that point at ``commit``, if given), lowest N first."""
+    tags = git(root, "tag", "--list", "model-v*", *(("--points-at", commit) if commit else ())).split()
     return sorted((t for t in tags if t.removeprefix("model-v").isdigit()), key=lambda t: int(t[7:]))
 
 

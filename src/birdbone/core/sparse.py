@@ -125,10 +125,10 @@ def to_semi_structured_(bundle: Any) -> list[str]:
         linear.weight = nn.Parameter(sparse, requires_grad=False)
         names.append(name)
     if unfit:
-        log.warning("left dense (their shape fits no 2:4 kernel's tiles for %s): %s", w.dtype, ", ".join(unfit))
+        log.warning("left dense (their shape fits no 2:4 kernel's tiles for %s): %s", dtype, ", ".join(unfit))
     if not names and unfit:
         raise BirdboneError(
-            f"no 2:4 sparse Linear fits a semi-structured kernel in {w.dtype} (e.g. {unfit[0]}). "
+            f"no 2:4 sparse Linear fits a semi-structured kernel in {dtype} (e.g. {unfit[0]}). "
             "Fix: float16 or bfloat16 weights (model.half()), or widths that are multiples of 64."
         )
     if not names:

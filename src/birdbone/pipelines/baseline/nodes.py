@@ -30,6 +30,9 @@ def import_model(model: dict[str, Any], run: dict[str, Any], blocks: dict[str, t
     return bundle
 
 
+GENERAL_TOPK = 32  # the dense model's predictions kept per position of the general split
+
+
 def generate_general(
     bundle: modeling.ModelBundle, text: dict[str, Any], baseline: dict[str, Any], run: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
@@ -54,9 +57,6 @@ def generate_general(
     )
     batch = BaselineConfig.model_validate(baseline).batch_size
     return {"blocks": blocks, **evaluate.teacher_topk(model, blocks, GENERAL_TOPK, batch, device, with_nll=True)}
-
-
-GENERAL_TOPK = 32  # the dense model's predictions kept per position of the general split
 
 
 def measure_quality(
