@@ -270,7 +270,7 @@ class GeneralTextConfig(Stage):
     blocks: NonNegativeInt = 32
     temperature: Annotated[float, Field(gt=0, le=4)] = 1.0
     seed: NonNegativeInt = 1
-    batch_size: PositiveInt = 32  # sequences written at once (on 2 cores, 32 x 512 tokens in 104 s)
+    batch_size: PositiveInt = 32  # sequences written at once
 
 
 class DataConfig(Stage):
