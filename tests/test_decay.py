@@ -122,3 +122,24 @@ def test_cluster_aware_waves_heal_by_bundles_and_climb_the_recovery_ladder(proje
     assert json.loads((project / "data/08_reporting/decay.json").read_text())["final"]["stop_reason"] == "recovery"
     runs = mlflow_runs(project)
     assert {"metrics.wave.clusters.factor_min", "metrics.wave.recovery.steps"} <= set(runs.columns)
+
+
+def test_without_decay_the_dense_model_is_healed_against_the_quantize_grids_then_exported(project):
+    run(
+        project,
+        decay={"enabled": False},
+        heal={"final": {"steps": 2, "fake_quant": True}},
+        quantize={"method": "rtn", "lowrank": {"correction_rank": 0}},
+    )
+    assert not (project / "models/waves").exists() and not (project / "models/decayed").exists()
+    summary = json.loads((project / "data/08_reporting/summary.json").read_text())
+    heal = summary["heal"]
+    assert heal["waves"] == [] and heal["final"]["steps"] == 2 and heal["final"]["merged"]
+    assert heal["final"]["ppl_general_before"] == pytest.approx(summary["baseline"]["ppl_general"], rel=1e-4)
+    origin = json.loads((project / "models/healed/birdbone.json").read_text())["origin"]
+    assert origin["heal"] == "final, fake-quant"
+    assert origin["quality"]["figures"]["ppl_test"] == heal["final"]["ppl_test"]
+    assert summary["quantize"]["ppl_test_before"] == pytest.approx(heal["final"]["ppl_test"])  # quantize read it
+    assert summary["exports_verified"]["passed"] and summary["exports_verified"]["ppl_general"] > 0
+    timeline = summary["timeline"]["stage_seconds"]
+    assert "decay" not in timeline and {"baseline", "heal", "quantize", "export"} <= set(timeline)

@@ -51,3 +51,11 @@ def test_the_notebook_draws_the_last_and_an_earlier_run_and_report_tabulates_the
     reports = project / "data/08_reporting"
     assert (reports / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "| baseline |" in (reports / "report.md").read_text()
+    # where the time went: every node of the last run, by stage, in summary.json, the report and a PNG
+    summary = json.loads((reports / "summary.json").read_text())
+    timeline = summary["timeline"]
+    assert {"baseline", "decay", "quantize", "export"} <= set(timeline["stage_seconds"])
+    assert set(timeline["nodes"]) >= {"quantize", "export", "heal_final", "wave_1.gate"}
+    assert sum(n["seconds"] for n in timeline["nodes"].values()) <= timeline["total_seconds"] + 1
+    assert "Time of the last run: baseline " in printed and "min in all" in printed
+    assert (reports / "timeline.png").read_bytes()[:4] == b"\x89PNG"

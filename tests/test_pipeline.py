@@ -73,6 +73,19 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert export["files"]["safetensors"]["check"]["same_top_token"] > 0.95
     assert export["files"]["pack"]["lossless"] and export["files"]["pack"]["strategies"]["quantized"] == 2 * 7 + 2
     assert runs["metrics.export.ppl_llama_cpp"][0] == pytest.approx(export["verify"]["ppl_llama_cpp"])
+    # every stage measured on the general split too (text the dense model wrote; no stage trains on it)
+    assert base["ppl_general"] > 0 and runs["metrics.baseline.ppl_general"][0] == pytest.approx(base["ppl_general"])
+    start = summary["waves"][0]
+    assert (start["ppl_general"], start["kl_general"], start["top1_general"]) == (base["ppl_general"], 0.0, 1.0)
+    assert all(w["ppl_general"] > 0 for w in summary["waves"])
+    verified = summary["exports_verified"]
+    for section in (summary["final"], summary["heal"]["final"], quantized, verified):
+        assert section["ppl_general"] > 0 and section["kl_general"] >= 0 and 0 <= section["top1_general"] <= 1
+    assert summary["heal"]["final"]["ppl_general_before"] == pytest.approx(summary["final"]["ppl_general"])
+    assert verified["ppl_general"] == pytest.approx(quantized["ppl_general"], rel=0.01)  # llama.cpp = torch
+    for key in ("export.ppl_general", "export.kl_general", "quantize.top1_general", "heal.final.ppl_general"):
+        assert runs[f"metrics.{key}"][0] > 0, key
+    assert runs["metrics.wave.ppl_general"][0] > 0
     # each stage's peak memory, in summary.json and MLflow
     memory = summary["memory"]
     assert set(memory) == {"baseline", "profile", "decay", "heal", "quantize", "export"}

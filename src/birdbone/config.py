@@ -573,6 +573,28 @@ class PruneConfig(Stage):
 # --------------------------------------------------------------------------- decay
 
 
+class GeneralGateConfig(Stage):
+    """The gate's limits on the general split (``data.general``: text the dense model wrote,
+    which no stage trains on), checked beside the in-domain ones; skipped when the split is
+    off (``data.general.blocks: 0``).
+
+    Example::
+
+        general:
+          step_limit: 0.03   # a strike: general perplexity more than +3 % over the accepted state's
+          kl_limit: null     # a strike: KL to dense on the general split above this (nats/token)
+          budget: 0.05       # stop (undoing the wave) past +5 % general perplexity over dense
+
+    Healing on the user's text can take in-domain perplexity below dense while general text
+    gets worse; these limits make that a strike. ``budget`` leaves room for quantization's
+    own loss after the decay. null turns a limit off.
+    """
+
+    step_limit: Annotated[float, Field(gt=0)] | None = 0.03
+    kl_limit: Annotated[float, Field(gt=0)] | None = None
+    budget: Annotated[float, Field(gt=0)] | None = 0.05
+
+
 class GateConfig(Stage):
     """The stop-loss that judges each wave against the last accepted state.
 
@@ -588,6 +610,7 @@ class GateConfig(Stage):
           rollback_waves: 3
           reference: accepted_or_dense  # the step limit counts from the accepted state, or from
                                         # dense when healing took the accepted state below it
+          general: {step_limit: 0.03, kl_limit: null, budget: 0.05}  # the same on the general split
 
     With healing, a kept wave is often *below* the dense perplexity on the user's text
     (LoRA adapts to it). ``accepted`` would then make every later wave defend that in-domain
@@ -604,6 +627,7 @@ class GateConfig(Stage):
     rollback: Literal["full", "gradual"] = "gradual"
     rollback_waves: Annotated[int, Field(ge=1, le=10)] = 3
     reference: Literal["accepted", "accepted_or_dense"] = "accepted_or_dense"
+    general: GeneralGateConfig = GeneralGateConfig()
 
 
 class DecayClustersConfig(Stage):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,42 +177,61 @@ def stage_of(node: Any) -> str:
 
 
 class MemoryHook:
-    """Peak RSS (and peak GPU memory on CUDA) of each stage, from its nodes' peaks.
+    """What each node cost: peak RSS (and peak GPU memory on CUDA) of each stage, from its
+    nodes' peaks, and the timeline of the recipe's nodes (wall seconds of each).
 
-    Kept after every node in ``.birdbone/memory.json`` (so the stages a killed run finished
-    keep theirs when it resumes), written to ``summary.json`` (``memory``) when the run
-    succeeds (a failed run leaves the last summary as it was), logged, and sent to MLflow by
-    the tracking hook (``memory.<stage>.peak_rss_mb``)."""
+    Both are kept after every node in ``.birdbone/memory.json`` under the recipe's hash (so
+    the nodes a killed run finished keep theirs when it resumes: the timeline is that of the
+    runs that made the artifacts, each node's last run counting), written to
+    ``summary.json`` (``memory``, ``timeline``) when the run succeeds (a failed run leaves
+    the last summary as it was), drawn in ``data/08_reporting/timeline.png``, logged by
+    stage, and the peaks sent to MLflow by the tracking hook (``memory.<stage>.peak_rss_mb``)."""
 
     def __init__(self, recipe_hook: RecipeHook) -> None:
         self._recipe_hook = recipe_hook
         self.stages: dict[str, dict[str, Any]] = {}
         self._earlier_stages: dict[str, Any] = {}  # read once a run, from .birdbone/memory.json
+        self.timeline: list[dict[str, Any]] = []  # this run's nodes, in the order they ran
+        self._earlier_nodes: list[dict[str, Any]] = []
+        self._started = 0.0
+        self._node_started = 0.0
 
     def _path(self) -> Path | None:
         root = self._recipe_hook.root
         return None if root is None else root / runstate.STATE_DIR / "memory.json"
 
     def _earlier(self) -> dict[str, Any]:
-        """This recipe's stage peaks from earlier (killed or partial) runs."""
+        """This recipe's stage peaks and node times from earlier (killed or partial) runs."""
         path, recipe = self._path(), self._recipe_hook.recipe
         try:
             old = json.loads(path.read_text()) if path is not None and path.is_file() else {}
         except ValueError:
             old = {}
-        return old.get("stages", {}) if recipe is not None and old.get("recipe_hash") == recipe.hash() else {}
+        return old if isinstance(old, dict) and recipe is not None and old.get("recipe_hash") == recipe.hash() else {}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The recipe's nodes with their seconds: earlier runs' that this run did not redo,
+        then this run's."""
+        redone = {n["node"] for n in self.timeline}
+        return [n for n in self._earlier_nodes if n["node"] not in redone] + self.timeline
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        self.stages = {}
-        self._earlier_stages = self._earlier()
+        self.stages, self.timeline = {}, []
+        earlier = self._earlier()
+        self._earlier_stages = earlier.get("stages", {})
+        self._earlier_nodes = [n for n in earlier.get("nodes", []) if isinstance(n, dict) and "node" in n]
+        self._started = time.perf_counter()
 
     @hook_impl
     def before_node_run(self, node: Any) -> None:
         memory.reset_peak()
+        self._node_started = time.perf_counter()
 
     @hook_impl
     def after_node_run(self, node: Any) -> None:
+        seconds = round(time.perf_counter() - self._node_started, 2)
+        self.timeline.append({"node": node.name, "stage": stage_of(node), "seconds": seconds})
         peak = memory.peak()
         entry = self.stages.setdefault(stage_of(node), {"peak_rss_mb": 0.0, "per_stage": peak.resettable})
         entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(peak.rss_bytes / 2**20, 1))
@@ -219,7 +239,8 @@ class MemoryHook:
             entry["peak_gpu_mb"] = max(entry.get("peak_gpu_mb", 0.0), round(peak.gpu_bytes / 2**20, 1))
         path, recipe = self._path(), self._recipe_hook.recipe
         if path is not None and recipe is not None:
-            write_json_atomic(path, {"recipe_hash": recipe.hash(), "stages": {**self._earlier_stages, **self.stages}})
+            stages = {**self._earlier_stages, **self.stages}
+            write_json_atomic(path, {"recipe_hash": recipe.hash(), "stages": stages, "nodes": self.nodes()})
 
     @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -230,11 +251,37 @@ class MemoryHook:
             gpu = f", GPU {entry['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in entry else ""
             log.info("stage %s: peak RSS %.0f MiB%s", stage, entry["peak_rss_mb"], gpu)
         stages = {**self._earlier_stages, **self.stages}
-        if stages:
+        overhead = time.perf_counter() - self._started - sum(n["seconds"] for n in self.timeline)
+        timeline = timeline_summary(self.nodes(), overhead)
+        for stage, seconds in timeline["stage_seconds"].items():
+            log.info("stage %s: %.0f s of %.0f s", stage, seconds, timeline["total_seconds"])
+        if stages or timeline["nodes"]:
+            from birdbone.core.io import write_bytes_atomic
+            from birdbone.core.plots import png_bytes, timeline_figure
             from birdbone.datasets import merge_json
 
             # not recorded in the run journal: summary.json counts as written by the nodes that own it
-            merge_json(root / REPORTS / "summary.json", {"recipe_hash": recipe.hash(), "memory": stages})
+            update: dict[str, Any] = {"recipe_hash": recipe.hash(), "timeline": timeline}
+            if stages:
+                update["memory"] = stages
+            merge_json(root / REPORTS / "summary.json", update)
+            if timeline["nodes"]:
+                write_bytes_atomic(root / REPORTS / "timeline.png", png_bytes(timeline_figure(timeline)))
+
+
+def timeline_summary(nodes: list[dict[str, Any]], overhead: float = 0.0) -> dict[str, Any]:
+    """A timeline of ``nodes`` (run one at a time, as Kedro's sequential runner does): by
+    node name, in the order they ran, its stage, start (the seconds of the nodes before it)
+    and seconds; the seconds of each stage (in the order the stages first ran); and the wall
+    seconds in all: the nodes' and ``overhead`` (the run's time outside nodes: loading the
+    session, checks, tracking)."""
+    stages: dict[str, float] = {}
+    out, start = {}, 0.0
+    for node in nodes:
+        out[node["node"]] = {"stage": node["stage"], "start_seconds": round(start, 2), "seconds": node["seconds"]}
+        start += node["seconds"]
+        stages[node["stage"]] = round(stages.get(node["stage"], 0.0) + node["seconds"], 2)
+    return {"total_seconds": round(start + max(overhead, 0.0), 2), "stage_seconds": stages, "nodes": out}
 
 
 # MLflow's HTTP client retries 7 times over about four minutes by default; a run waits for

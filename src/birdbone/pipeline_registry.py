@@ -67,10 +67,11 @@ def final_heal() -> bool:
 
 
 def unquantized_model() -> str:
-    """The recipe's last model before quantization: healed, decayed or the baseline."""
-    if decay_waves() > 0:
-        return "healed_model" if final_heal() else "decayed_model"
-    return "baseline_model"
+    """The recipe's last model before quantization: healed (after the waves, or the dense
+    model when there are none), decayed or the baseline."""
+    if final_heal():
+        return "healed_model"
+    return "decayed_model" if decay_waves() > 0 else "baseline_model"
 
 
 def quantize_source() -> str | None:

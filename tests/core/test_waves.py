@@ -28,11 +28,80 @@ def _same(state, snapshot):
     return all(torch.equal(now[n], w) for n, w in weights.items()) and state.masks.equals(masks)
 
 
-def _run(state, config, wave, ppl):
-    """One wave with a scripted perplexity (a synthetic good or bad wave)."""
+def _run(state, config, wave, ppl, general=None):
+    """One wave with a scripted perplexity (a synthetic good or bad wave), and a scripted
+    general perplexity (KL 0.1, top-1 0.9) when given."""
     waves.decay(state, wave, config, blocks_of(4, 512, length=32, seed=wave), None)
-    state.current.update(ppl=ppl, kl=0.0)
+    state.current.update(ppl=ppl, kl=0.0, general=None if general is None else {"ppl": general, "kl": 0.1, "top1": 0.9})
     return waves.gate(state, config, "recipe")
+
+
+DENSE_GENERAL = {"ppl": 10.0, "general": {"ppl": 50.0, "kl": 0.0, "top1": 1.0}}
+
+
+def test_a_wave_that_helps_in_domain_and_hurts_general_text_is_a_strike(tiny_bundle):
+    config = _config()
+    state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    _run(state, config, 1, 9.0, general=51.0)  # better in-domain, +2 % general: kept
+    assert state.rows[-1]["decision"] == "kept" and "general 51.000 (+2.0% against dense)" in state.rows[-1]["reason"]
+    _run(state, config, 2, 8.5, general=53.0)  # in-domain better still, general +3.9 % over wave 1
+    row = state.rows[-1]
+    assert row["decision"] == "strike"
+    assert "general perplexity 53.000 is +3.9% over the accepted 51.000 (wave 1), limit +3%" in row["reason"]
+    assert row["general"] == {"ppl": 53.0, "kl": 0.1, "top1": 0.9}
+
+
+def test_the_general_kl_limit_and_budget_judge_too(tiny_bundle):
+    config = _config(general={"step_limit": None, "kl_limit": 0.05, "budget": None})
+    state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    _run(state, config, 1, 10.0, general=50.0)  # KL 0.1 > 0.05
+    row = state.rows[-1]
+    assert row["decision"] == "strike" and "general KL 0.1000 over the limit 0.05" in row["reason"]
+    config = _config(general={"step_limit": 0.03, "budget": 0.05})
+    state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    for wave, general in [(1, 51.0), (2, 52.0)]:
+        _run(state, config, wave, 10.0, general=general)
+    accepted = _snapshot(state)
+    _run(state, config, 3, 10.0, general=53.5)  # +2.9 % over wave 2, +7 % over dense: past the budget
+    row = state.rows[-1]
+    assert row["decision"] == "reverted" and "general perplexity 53.500 is +7.0% over dense" in row["reason"]
+    assert row["state_general"]["ppl"] == 52.0 and _same(state, accepted)
+
+
+def test_general_limits_off_or_no_general_split_judge_in_domain_only(tiny_bundle):
+    config = _config(general={"step_limit": None, "kl_limit": None, "budget": None})
+    state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    _run(state, config, 1, 10.0, general=90.0)
+    assert state.rows[-1]["decision"] == "kept"
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")  # no general split: nothing to judge there
+    _run(state, _config(), 1, 10.0)
+    assert state.rows[-1]["decision"] == "kept" and state.rows[-1]["general"] is None
+
+
+def test_a_non_finite_general_perplexity_stops_the_decay(tiny_bundle):
+    state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    accepted = _snapshot(state)
+    _run(state, _config(), 1, 10.0, general=float("nan"))
+    assert state.rows[-1]["decision"] == "reverted" and "general perplexity is nan" in state.rows[-1]["reason"]
+    assert _same(state, accepted)
+
+
+def test_a_wave_is_measured_on_the_general_split_against_dense(tiny_bundle):
+    from birdbone.core import generate
+
+    model = tiny_bundle.model
+    general_blocks = generate.sample_blocks(model, tiny_bundle.tokenizer, 2, 16, seed=1, batch_size=2)
+    general = {"blocks": general_blocks, **evaluate.teacher_topk(model, general_blocks, k=8)}
+    validation = blocks_of(2, 512, length=16, seed=3)
+    teacher = evaluate.teacher_topk(model, validation, k=8)
+    state = waves.start(tiny_bundle, {"ppl": 10.0}, "origin")
+    config = _config()
+    waves.decay(state, 1, config, blocks_of(4, 512, length=32, seed=1), None)
+    waves.evaluate_state(state, validation, teacher, 2, "cpu", general)
+    measured = state.current["general"]
+    direct = evaluate.quality(model, general_blocks, general, 2, with_top1=True)
+    assert measured == {k: direct[k] for k in ("ppl", "kl", "top1")}
+    assert measured["kl"] > 0 and 0 < measured["top1"] < 1
 
 
 def test_two_bad_waves_in_a_row_are_undone_bit_for_bit(tiny_bundle):

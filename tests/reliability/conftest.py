@@ -27,7 +27,7 @@ SLOWER = "model.source.hidden=256,model.source.intermediate=1024,model.source.he
 # numbers two runs may differ in.
 TIMING = re.compile(r"seconds|tokens_per_s|_ms$|x_dense_f16|peak_rss_mb|peak_gpu_mb")
 # Figures that draw timings.
-TIMING_PLOTS = {"data/08_reporting/baseline.png"}
+TIMING_PLOTS = {"data/08_reporting/baseline.png", "data/08_reporting/timeline.png"}
 
 
 def make_project(where: Path) -> Path:

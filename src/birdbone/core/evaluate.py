@@ -122,6 +122,70 @@ def quality(
     return result
 
 
+def general_quality(
+    model: nn.Module,
+    general: dict[str, torch.Tensor] | None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    desc: str = "general",
+) -> dict[str, float] | None:
+    """Perplexity, KL to dense and top-1 agreement with dense on the general split (the
+    ``blocks`` the dense model wrote, with its cached top-k ``index`` and ``logprob``), or
+    None when there is no general split."""
+    if not general:
+        return None
+    measured = quality(model, general["blocks"], general, batch_size, device, desc, with_top1=True)
+    return {key: measured[key] for key in ("ppl", "kl", "top1")}
+
+
+def general_figures(general: dict[str, float] | None) -> dict[str, float]:
+    """General-split numbers as flat keys: ``ppl_general``, ``kl_general``, ``top1_general``
+    (none without a general split)."""
+    return {f"{key}_general": value for key, value in (general or {}).items()}
+
+
+def stage_quality(
+    model: nn.Module,
+    blocks: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor] | None,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    desc: str = "quality",
+) -> dict[str, float]:
+    """What every stage reports of a model: ``ppl_val`` and ``ppl_test`` (in-domain), and
+    ``ppl_general``, ``kl_general``, ``top1_general`` on the general split."""
+    out = {
+        f"ppl_{short}": perplexity(model, blocks[split], batch_size, device, f"{desc} ({split})")["ppl"]
+        for split, short in (("validation", "val"), ("test", "test"))
+    }
+    return {**out, **general_figures(general_quality(model, general, batch_size, device, f"{desc} (general)"))}
+
+
+def quality_key(blocks: dict[str, torch.Tensor], general: dict[str, torch.Tensor] | None) -> str:
+    """What ``stage_quality`` figures were measured on: a hash of the validation, test and
+    general blocks (figures a model carries in its ``origin`` count only under this key)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in (blocks["validation"], blocks["test"], *((general["blocks"],) if general else ())):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def carried_quality(bundle: Any, key: str) -> dict[str, float] | None:
+    """The ``stage_quality`` figures the stage that wrote ``bundle`` measured on it (its
+    ``origin['quality']``), if measured on the same text; None otherwise."""
+    carried = (bundle.origin or {}).get("quality") or {}
+    return carried.get("figures") if carried.get("key") == key else None
+
+
+def general_change(before: dict[str, float], after: dict[str, float]) -> str:
+    """``, general perplexity a -> b`` for a log line (empty without a general split)."""
+    if "ppl_general" not in after:
+        return ""
+    return f", general perplexity {before['ppl_general']:.3f} -> {after['ppl_general']:.3f}"
+
+
 def parameter_count(model: nn.Module) -> int:
     """Parameters of the model, tied tensors counted once."""
     seen: set[int] = set()

@@ -259,6 +259,33 @@ def quantize_figure(layers: list[dict[str, Any]], title: str) -> Figure:
     return fig
 
 
+def timeline_figure(timeline: dict[str, Any]) -> Figure:
+    """Where a run's time went: each node as a bar from its start to its end, one row per
+    node (the slowest named), coloured by stage; and the seconds of each stage."""
+    nodes = [{"node": name, **node} for name, node in timeline["nodes"].items()]
+    stages = list(timeline["stage_seconds"])
+    colours = {stage: plt.get_cmap("tab10")(i % 10) for i, stage in enumerate(stages)}
+    fig, (gantt, bars) = plt.subplots(
+        1, 2, figsize=(13, max(3.5, 0.12 * len(nodes) + 1.5)), gridspec_kw={"width_ratios": [3, 1]}
+    )
+    for row, node in enumerate(nodes):
+        gantt.barh(row, max(node["seconds"], 0.5), left=node["start_seconds"], color=colours[node["stage"]])
+    slowest = sorted(range(len(nodes)), key=lambda i: -nodes[i]["seconds"])[:20]
+    gantt.set_yticks(slowest, [f"{nodes[i]['node']} ({nodes[i]['seconds']:.0f} s)" for i in slowest], fontsize=7)
+    gantt.invert_yaxis()
+    minutes = timeline["total_seconds"] / 60
+    gantt.set(xlabel="seconds since the run started", title=f"timeline: {minutes:.1f} min in all")
+    gantt.grid(axis="x", alpha=0.3)
+    seconds = [timeline["stage_seconds"][s] for s in stages]
+    bars.barh(stages, seconds, color=[colours[s] for s in stages])
+    for i, value in enumerate(seconds):
+        bars.annotate(f"{value:.0f} s", (value, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    bars.invert_yaxis()
+    bars.set(xlabel="seconds", title="by stage")
+    fig.tight_layout()
+    return fig
+
+
 def png_bytes(fig: Figure, dpi: int = 110, tight: bool = False) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     import io

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from birdbone.core import evaluate
 from birdbone.core.gate import check
 from birdbone.core.masks import removal_scores
-from birdbone.core.waves import left_at
+from birdbone.core.waves import general_left_at, left_at, measure
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def needs_recovery(state: Any, config: Any) -> list[str]:
         return []
     if not math.isfinite(current["ppl"]) or not math.isfinite(current["kl"] or 0.0):
         return []  # NaN or inf: the gate's emergency stop, not something to heal
-    return check(state.gate, current["ppl"], current["kl"], config.gate)[0]
+    return check(state.gate, current["ppl"], current["kl"], config.gate, current.get("general"))[0]
 
 
 def restore_(state: Any, fraction: float, only: dict[int, int] | None = None) -> int:
@@ -104,6 +103,7 @@ def recover(
     validation: torch.Tensor,
     teacher: dict[str, torch.Tensor],
     device: torch.device | str = "cpu",
+    general: dict[str, torch.Tensor] | None = None,
 ) -> Any:
     """Runs the ladder on a wave that spiked, in place; records every step in
     ``state.current['recovery']`` (the wave's row)."""
@@ -147,11 +147,8 @@ def recover(
             record["restored"] = revert_(state)
             state.current["reverted"] = True
         if step != "revert":
-            measured = evaluate.quality(
-                state.bundle.model, validation, teacher, config.batch_size, device, desc=f"wave {state.wave} {step}"
-            )
-            state.current.update(ppl=measured["ppl"], kl=measured["kl"])
-            problems = check(state.gate, measured["ppl"], measured["kl"], config.gate)[0]
+            measure(state, validation, teacher, general, config.batch_size, device, f"wave {state.wave} {step}")
+            problems = needs_recovery(state, config)
         seconds = time.perf_counter() - start
         state.recovery_s += seconds
         # a revert is bit-exact: the numbers are those the previous wave left, not measured again
@@ -159,6 +156,7 @@ def recover(
         record.update(
             ppl=ppl,
             kl=kl,
+            general=general_left_at(state.rows[-1]) if step == "revert" else state.current.get("general"),
             sparsity=state.masks.overall_sparsity(),
             seconds=round(seconds, 2),
             outcome="reverted" if step == "revert" else ("recovered" if not problems else "; ".join(problems)),

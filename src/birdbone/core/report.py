@@ -1,5 +1,6 @@
 """The run at a glance: baseline, every decay wave, the final model of each later stage and
-the exported file, one row each (perplexity, KL, sparsity, parameters, bytes, speed), from
+the exported file, one row each (in-domain perplexity; perplexity, KL and top-1 agreement
+with dense on the general split; sparsity, parameters, bytes, speed), from
 the reports a run leaves in ``data/08_reporting``. ``birdbone report`` prints it and writes
 ``report.md`` and ``report.png`` beside them. No Kedro here."""
 
@@ -18,6 +19,13 @@ class ReportError(BirdboneError):
     """There is no run to report on."""
 
 
+GENERAL = ("ppl_general", "kl_general", "top1_general")
+
+
+def _general(section: dict[str, Any]) -> dict[str, Any]:
+    return {key: section.get(key) for key in GENERAL}
+
+
 def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per stage of the run ``summary`` (``summary.json``) describes."""
     base = summary.get("baseline") or {}
@@ -27,6 +35,11 @@ def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "ppl_val": base.get("ppl_val"),
             "ppl_test": base.get("ppl_test"),
             "kl": 0.0,
+            **(
+                {"ppl_general": base["ppl_general"], "kl_general": 0.0, "top1_general": 1.0}
+                if base.get("ppl_general") is not None
+                else {}
+            ),
             "sparsity": 0.0,
             "params": base.get("params"),
             "bytes": base.get("bytes"),
@@ -42,6 +55,7 @@ def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "stage": f"wave {wave['index']} ({wave.get('decision', '?')})",
                 "ppl_val": wave.get("ppl"),
                 "kl": wave.get("kl"),
+                **_general(wave),
                 "sparsity": wave.get("sparsity"),
             }
         )
@@ -51,6 +65,7 @@ def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "stage": "decayed",
                 "ppl_test": final.get("ppl_test"),
+                **_general(final),
                 "sparsity": final.get("sparsity"),
                 "params": final.get("params"),
                 "bytes": final.get("bytes"),
@@ -58,7 +73,9 @@ def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         )
     heal = (summary.get("heal") or {}).get("final")
     if heal:
-        out.append({"stage": "healed", "ppl_val": heal.get("ppl_val"), "ppl_test": heal.get("ppl_test")})
+        out.append(
+            {"stage": "healed", "ppl_val": heal.get("ppl_val"), "ppl_test": heal.get("ppl_test"), **_general(heal)}
+        )
     quant = summary.get("quantize")
     if quant:
         out.append(
@@ -66,6 +83,7 @@ def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "stage": f"quantized ({quant.get('method')}, {quant.get('avg_bits', 0):.2f} bits)",
                 "ppl_val": quant.get("ppl_val"),
                 "ppl_test": quant.get("ppl_test"),
+                **_general(quant),
             }
         )
     gguf = next((e for e in summary.get("exports") or [] if e.get("format") == "gguf"), None)
@@ -76,6 +94,7 @@ def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "stage": "export (llama.cpp)",
                 "ppl_test": verified.get("ppl_llama_cpp"),
+                **_general(verified),
                 "bytes": gguf.get("bytes"),
                 "decode_tok_s": speed.get("decode_tokens_per_s"),
                 "decode_x_dense": speed.get("decode_x_dense_f16"),
@@ -100,6 +119,8 @@ def _cell(value: Any, kind: str) -> str:
         return f"{value / 1e6:.1f}"
     if kind == "x":
         return f"{value:.2f}x"
+    if kind == "top1":
+        return f"{value:.3f}"
     return f"{value:.1f}"
 
 
@@ -107,7 +128,10 @@ COLUMNS = [
     ("stage", "stage", "text"),
     ("ppl_val", "val ppl", "ppl"),
     ("ppl_test", "test ppl", "ppl"),
-    ("kl", "KL to dense", "kl"),
+    ("kl", "val KL", "kl"),
+    ("ppl_general", "general ppl", "ppl"),
+    ("kl_general", "general KL", "kl"),
+    ("top1_general", "top-1 = dense", "top1"),
     ("sparsity", "sparsity", "share"),
     ("params", "params", "int"),
     ("bytes", "MB", "mb"),
@@ -126,8 +150,20 @@ def table(report_rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def timeline_line(summary: dict[str, Any]) -> str:
+    """Where the last run's time went, by stage (``summary.json``'s ``timeline``; each node
+    in ``timeline.png``), in one line; empty when the run left none."""
+    timeline = summary.get("timeline") or {}
+    if not timeline.get("stage_seconds"):
+        return ""
+    total = max(timeline["total_seconds"], 1e-9)
+    stages = timeline["stage_seconds"].items()
+    parts = [f"{stage} {seconds:.0f} s ({100 * seconds / total:.0f} %)" for stage, seconds in stages]
+    return f"Time of the last run: {', '.join(parts)}; {total / 60:.1f} min in all (per node: timeline.png)."
+
+
 def figure(report_rows: list[dict[str, Any]], title: str) -> Any:
-    """Perplexity by stage (validation and test) and sparsity by stage."""
+    """Perplexity by stage (validation and test; general on its own axis) and sparsity by stage."""
     import matplotlib.pyplot as plt
 
     fig, (ppl_ax, sparsity_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -137,8 +173,15 @@ def figure(report_rows: list[dict[str, Any]], title: str) -> Any:
         points = [(i, r[key]) for i, r in zip(x, report_rows, strict=True) if r.get(key) is not None]
         if points:
             ppl_ax.plot(*zip(*points, strict=True), marker=marker, label=key.replace("ppl_", ""))
-    ppl_ax.set(title="perplexity by stage", ylabel="perplexity")
-    ppl_ax.legend()
+    ppl_ax.set(title="perplexity by stage", ylabel="in-domain perplexity")
+    handles, names = ppl_ax.get_legend_handles_labels()
+    points = [(i, r["ppl_general"]) for i, r in zip(x, report_rows, strict=True) if r.get("ppl_general") is not None]
+    if points:
+        general_ax = ppl_ax.twinx()
+        (line,) = general_ax.plot(*zip(*points, strict=True), marker="^", color="tab:purple", label="general")
+        general_ax.set_ylabel("general perplexity (text no stage trained on)")
+        handles, names = [*handles, line], [*names, "general"]
+    ppl_ax.legend(handles, names)
     points = [(i, 100 * r["sparsity"]) for i, r in zip(x, report_rows, strict=True) if r.get("sparsity") is not None]
     if points:
         sparsity_ax.plot(*zip(*points, strict=True), marker="o", color="tab:red")
@@ -177,6 +220,9 @@ def write_report(root: Path) -> tuple[str, Path, Path]:
     report_rows = rows(summary)
     name = (summary.get("model") or {}).get("name", "model")
     text = table(report_rows)
+    timing = timeline_line(summary)
+    if timing:
+        text += f"\n\n{timing}"
     md, png = root / REPORTS / "report.md", root / REPORTS / "report.png"
     write_bytes_atomic(
         md, f"# bird-bone run: {name}\n\nRecipe {summary.get('recipe_hash', '?')[:12]}\n\n{text}\n".encode()

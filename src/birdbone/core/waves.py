@@ -86,12 +86,19 @@ def chain_id(parent: str, recipe_hash: str, wave: int) -> str:
     return sha256_json({"parent": parent, "recipe": recipe_hash, "wave": wave})[:16]
 
 
-def start(bundle: Any, dense: dict[str, float], origin_id: str) -> WaveState:
+def start(bundle: Any, dense: dict[str, Any], origin_id: str) -> WaveState:
     """The state before the first wave: the dense model, no masks removed, the gate's
-    reference at the dense perplexity. ``origin_id`` names the model and text it came from."""
+    reference at the dense perplexity (and at its general perplexity, given ``dense['general']``).
+    ``origin_id`` names the model and text it came from."""
     masks = MaskSet({name: torch.ones_like(w, dtype=torch.bool) for name, w in _linears(bundle).items()})
-    gate = GateState(dense_ppl=dense["ppl"], reference_ppl=dense["ppl"])
-    row = _row(0, "start", "dense model", 0.0, masks, dense["ppl"], 0.0, bundle)
+    general = dense.get("general")
+    gate = GateState(
+        dense_ppl=dense["ppl"],
+        reference_ppl=dense["ppl"],
+        dense_general_ppl=general["ppl"] if general else None,
+        reference_general=dict(general) if general else None,
+    )
+    row = _row(0, "start", "dense model", 0.0, masks, dense["ppl"], 0.0, bundle, general)
     return WaveState(bundle, masks, gate, 0, origin_id, rows=[row])
 
 
@@ -100,7 +107,15 @@ def _linears(bundle: Any) -> dict[str, torch.Tensor]:
 
 
 def _row(
-    wave: int, decision: str, reason: str, target: float | None, masks: MaskSet, ppl: float, kl: float, bundle: Any
+    wave: int,
+    decision: str,
+    reason: str,
+    target: float | None,
+    masks: MaskSet,
+    ppl: float,
+    kl: float,
+    bundle: Any,
+    general: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     return {
         "wave": wave,
@@ -108,6 +123,7 @@ def _row(
         "sparsity": masks.overall_sparsity(),
         "ppl": ppl,
         "kl": kl,
+        "general": general,  # ppl, kl, top1 on the general split (None: no general split)
         "params": compact_param_count(bundle, masks),  # once the masked units are removed
         "nonzero_linear_weights": sum(masks.kept(n) for n in masks),
         "decision": decision,
@@ -421,17 +437,48 @@ def left_at(row: dict[str, Any]) -> tuple[float, float | None]:
     return row.get("state_ppl", row["ppl"]), row.get("state_kl", row.get("kl"))
 
 
+def general_left_at(row: dict[str, Any]) -> dict[str, float] | None:
+    """The general split's numbers of the model as ``row``'s wave left it (see ``left_at``)."""
+    return row.get("state_general", row.get("general"))
+
+
+def measure(
+    state: WaveState,
+    validation: torch.Tensor,
+    teacher: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor] | None,
+    batch_size: int,
+    device: Any,
+    desc: str,
+) -> None:
+    """The model as it stands, into ``state.current``: validation perplexity and KL to the
+    dense model, and ``general`` (perplexity, KL and top-1 agreement on the general split)."""
+    model = state.bundle.model
+    measured = evaluate.quality(model, validation, teacher, batch_size, device, desc=desc)
+    state.current.update(
+        ppl=measured["ppl"],
+        kl=measured["kl"],
+        general=evaluate.general_quality(model, general, batch_size, device, f"{desc} (general)"),
+    )
+
+
 def evaluate_state(
-    state: WaveState, validation: torch.Tensor, teacher: dict[str, torch.Tensor], batch_size: int, device: Any
+    state: WaveState,
+    validation: torch.Tensor,
+    teacher: dict[str, torch.Tensor],
+    batch_size: int,
+    device: Any,
+    general: dict[str, torch.Tensor] | None = None,
 ) -> WaveState:
-    """Validation perplexity and KL to the dense model, unless this wave changed nothing."""
+    """Validation perplexity and KL to the dense model, and the same with top-1 agreement on
+    the general split, unless this wave changed nothing."""
     if state.current.get("action") == "skip":
         ppl, kl = left_at(state.rows[-1])
-        state.current.update(ppl=ppl, kl=kl, seconds_evaluate=0.0)
+        state.current.update(ppl=ppl, kl=kl, general=general_left_at(state.rows[-1]), seconds_evaluate=0.0)
         return state
     start_time = time.perf_counter()
-    measured = evaluate.quality(state.bundle.model, validation, teacher, batch_size, device, desc=f"wave {state.wave}")
-    state.current.update(ppl=measured["ppl"], kl=measured["kl"], seconds_evaluate=time.perf_counter() - start_time)
+    measure(state, validation, teacher, general, batch_size, device, f"wave {state.wave}")
+    state.current["seconds_evaluate"] = time.perf_counter() - start_time
     return state
 
 
@@ -481,7 +528,7 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
             tried = ", ".join(ladder[:-1]) or "nothing before it"
             verdict = give_up(state.gate, wave, f"recovery ladder reverted the wave (tried: {tried})")
         else:
-            verdict = judge(state.gate, wave, ppl, kl, config.gate, fault=fault)
+            verdict = judge(state.gate, wave, ppl, kl, config.gate, fault=fault, general=current.get("general"))
         decision, reason = verdict.decision, verdict.reason
         if ladder and not current.get("reverted"):
             reason = f"after recovery ({', '.join(ladder)}): {reason}"
@@ -499,7 +546,7 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
             state.pending = DeltaHistory()  # accepted: nothing left to undo
             state.accepted = state.masks.copy()
     target = current["target_sparsity"] if action == "decay" else None
-    row = _row(wave, decision, reason, target, state.masks, ppl, kl, state.bundle)
+    row = _row(wave, decision, reason, target, state.masks, ppl, kl, state.bundle, current.get("general"))
     row.update(
         seconds={k.removeprefix("seconds_"): round(v, 2) for k, v in current.items() if k.startswith("seconds_")},
         phase=state.gate.phase,
@@ -510,6 +557,8 @@ def gate(state: WaveState, config: Any, recipe_hash: str) -> WaveState:
     if decision == "reverted" and action == "decay":
         # the model is back at the accepted state
         row.update(state_ppl=state.gate.reference_ppl, state_kl=state.gate.reference_kl)
+        if state.gate.reference_general is not None:
+            row["state_general"] = state.gate.reference_general
     state.rows.append(row)
     state.state_id = chain_id(state.state_id, recipe_hash, wave)
     log.info("wave %d: %s (%s)", wave, decision, reason)

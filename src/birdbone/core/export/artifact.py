@@ -50,9 +50,18 @@ def simulated(bundle: Any, plan: gguf_export.GGUFPlan) -> Any:
     return twin
 
 
-def verify_gguf(path: Path, bundle: Any, plan: gguf_export.GGUFPlan, test: torch.Tensor, config: Any) -> dict[str, Any]:
+def verify_gguf(
+    path: Path,
+    bundle: Any,
+    plan: gguf_export.GGUFPlan,
+    test: torch.Tensor,
+    config: Any,
+    general: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """The GGUF's perplexity in llama.cpp against the torch model computing the same
-    numbers (the model as quantized, embedding rounded as stored), and greedy text from both."""
+    numbers (the model as quantized, embedding rounded as stored), and greedy text from both;
+    with the ``general`` split, the GGUF's perplexity, KL to dense and top-1 agreement with
+    dense there, in llama.cpp (what the deployed file loses outside the user's text)."""
     blocks = test[: config.blocks] if config.blocks else test
     twin = simulated(bundle, plan)
     ours = evaluate.perplexity(twin.model, blocks, 4, "cpu", "torch (as the GGUF stores it)")["ppl"]
@@ -79,6 +88,15 @@ def verify_gguf(path: Path, bundle: Any, plan: gguf_export.GGUFPlan, test: torch
             llama_cpp_text=decode(text),
             torch_text=decode(reference),
             same_tokens=sum(a == b for a, b in zip(text, reference, strict=False)) / max(len(reference), 1),
+        )
+    if general:
+        measured = llamacpp.perplexity(path, general["blocks"], desc="llama.cpp (general)", teacher=general)
+        out["general"] = {key: measured[key] for key in ("ppl", "kl", "top1")}
+        log.info(
+            "GGUF in llama.cpp on the general split: perplexity %.4f, KL to dense %.4f, top-1 agreement %.3f",
+            measured["ppl"],
+            measured["kl"],
+            measured["top1"],
         )
     log.info(
         "GGUF verified in llama.cpp: perplexity %.4f against %.4f in torch (%+.2f %%, limit %.1f %%)",
@@ -124,10 +142,11 @@ def export_model(
     dense: Any = None,
     tokenizer_pre: str | None = None,
     name: str | None = None,
+    general: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Writes ``bundle`` into ``directory`` (whole, atomically) in ``config.formats``, then
-    verifies the GGUF in llama.cpp and times it. Returns the report. ``name``: the GGUF's
-    ``general.name``.
+    verifies the GGUF in llama.cpp (measuring it on the ``general`` split too, given one)
+    and times it. Returns the report. ``name``: the GGUF's ``general.name``.
 
     Raises:
         ExportError: the model cannot be exported as configured (before writing), or the
@@ -164,7 +183,7 @@ def export_model(
         uniform = report["files"]["safetensors"]["loads_in"] == "transformers"
         report["files"]["safetensors"]["check"] = hf.check_hf(directory / HF_DIR, bundle, test[:1], uniform)
     if plan is not None and config.verify.enabled:
-        report["verify"] = verify_gguf(directory / GGUF_FILE, bundle, plan, test, config.verify)
+        report["verify"] = verify_gguf(directory / GGUF_FILE, bundle, plan, test, config.verify, general)
     verify = report.get("verify")
     if verify and not verify["passed"]:
         rel = 100 * verify["relative_difference"]

@@ -83,24 +83,39 @@ def load(path: str | os.PathLike[str], n_ctx: int, threads: int | None = None, l
 
 
 def perplexity(
-    path: str | os.PathLike[str], blocks: torch.Tensor, threads: int | None = None, desc: str = "llama.cpp perplexity"
+    path: str | os.PathLike[str],
+    blocks: torch.Tensor,
+    threads: int | None = None,
+    desc: str = "llama.cpp perplexity",
+    teacher: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Token-weighted perplexity of the GGUF at ``path`` over ``blocks`` ``[n, L]``."""
+    """Token-weighted perplexity of the GGUF at ``path`` over ``blocks`` ``[n, L]``; given
+    the dense model's ``evaluate.teacher_topk`` on the same blocks, also the mean KL from it
+    and the top-1 agreement with it, as ``evaluate.quality`` computes them in torch."""
+    from birdbone.core.evaluate import topk_kl
+
     n, length = blocks.shape
     llm = load(path, n_ctx=length, threads=threads, logits_all=True)
-    total, tokens = 0.0, 0
+    total, tokens, kl, agree = 0.0, 0, 0.0, 0
     try:
-        for row in tqdm(blocks.tolist(), desc=desc, unit="block", leave=False):
+        for i, row in enumerate(tqdm(blocks.tolist(), desc=desc, unit="block", leave=False)):
             llm.reset()
             llm.eval(row)
             logits = torch.from_numpy(np.array(llm.scores[: length - 1], dtype=np.float32))
             targets = torch.tensor(row[1:])
             total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             tokens += length - 1
+            if teacher is not None:
+                index = teacher["index"][i]
+                kl += float(topk_kl(teacher["logprob"][i], index, logits).sum())
+                agree += int((logits.argmax(-1) == index[:, 0].long()).sum())
     finally:
         llm.close()
     mean = total / tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens}
+    out = {"ppl": math.exp(mean), "nll": mean, "tokens": tokens}
+    if teacher is not None:
+        out.update(kl=kl / tokens, top1=agree / tokens)
+    return out
 
 
 def _last_logits(llm: Any) -> np.ndarray:

@@ -84,7 +84,10 @@ def start_decay(
             check_quantize(bundle, quantize_config)  # a group that does not divide a layer fails before wave 1
     if resume is not None and resume.state_id == origin:
         return resume
-    state = waves.start(bundle, {"ppl": quality["validation"]["ppl"], "kl": 0.0}, origin)
+    dense = {"ppl": quality["validation"]["ppl"], "kl": 0.0}
+    if "general" in quality:
+        dense["general"] = {key: quality["general"][key] for key in ("ppl", "kl", "top1")}
+    state = waves.start(bundle, dense, origin)
     if bundle.path is not None:
         state.current["model_from"] = bundle.path  # wave 0 is the baseline model: link its files
     return state
@@ -134,14 +137,16 @@ def evaluate_wave(
     state: waves.WaveState | WaveHandle,
     blocks: dict[str, torch.Tensor],
     teacher: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
     decay: dict[str, Any],
     run: dict[str, Any],
 ) -> waves.WaveState | WaveHandle:
-    """Validation perplexity and KL to the dense model."""
+    """Validation perplexity and KL to the dense model; perplexity, KL and top-1 agreement
+    on the general split."""
     if isinstance(state, WaveHandle):
         return state
     batch = DecayConfig.model_validate(decay).batch_size
-    return waves.evaluate_state(state, blocks["validation"], teacher, batch, runtime(run))
+    return waves.evaluate_state(state, blocks["validation"], teacher, batch, runtime(run), general or None)
 
 
 def recover_wave(
@@ -149,6 +154,7 @@ def recover_wave(
     blocks: dict[str, torch.Tensor],
     teacher: dict[str, torch.Tensor],
     heal_teacher: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
     decay: dict[str, Any],
     heal: dict[str, Any],
     run: dict[str, Any],
@@ -170,6 +176,7 @@ def recover_wave(
         blocks["validation"],
         teacher,
         runtime(run),
+        general or None,
     )
 
 
@@ -193,6 +200,7 @@ def wave_metrics(row: dict[str, Any]) -> dict[str, Any]:
         "wave.sparsity": row["sparsity"],
         "wave.ppl": row["ppl"],
         "wave.kl": row["kl"],
+        **{f"wave.{k}_general": v for k, v in (row.get("general") or {}).items()},
         "wave.params": row["params"],
         "wave.decision_code": DECISION_CODES[row["decision"]],
         "wave.seconds": sum(row.get("seconds", {}).values()),
@@ -242,18 +250,20 @@ def report_decay(
     last: WaveHandle,
     decayed: modeling.ModelBundle,
     blocks: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
     parameters: dict[str, Any],
     run: dict[str, Any],
 ) -> tuple[dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
     """The wave table, the decay curve, ``summary.json``'s ``waves`` and ``final``, and
     the final numbers for tracking. The final model is the compacted one (``models/decayed``),
-    measured on the test split as it is stored."""
+    measured on the test and general splits as it is stored."""
     recipe = validate_recipe(parameters, Path.cwd())
     assert recipe.decay is not None
     rows, gate = last.info["rows"], last.info["gate"]
     device = runtime(run)
     model = decayed.model.to(device)
     test = evaluate.perplexity(model, blocks["test"], recipe.decay.batch_size, device, "final test")
+    general_quality = evaluate.general_quality(model, general, recipe.decay.batch_size, device, "final general")
     assert decayed.path is not None
     masks = decayed.masks
     params = evaluate.parameter_count(model)
@@ -263,6 +273,7 @@ def report_decay(
         "wave_path": os.path.relpath(last.path, Path.cwd()),
         "ppl_test": test["ppl"],
         "ppl_val": rows[-1].get("state_ppl", rows[-1]["ppl"]),
+        **evaluate.general_figures(general_quality),
         "sparsity": rows[-1]["sparsity"],
         "params": params,
         "params_dense": rows[0]["params"],
@@ -286,11 +297,14 @@ def report_decay(
                 "sparsity": r["sparsity"],
                 "ppl": r["ppl"],
                 "kl": r["kl"],
+                **evaluate.general_figures(r.get("general")),
                 "decision": r["decision"],
             }
             for r in rows
         ],
-        "final": {k: final[k] for k in ("ppl_test", "sparsity", "params", "bytes")},
+        "final": {
+            k: final[k] for k in ("ppl_test", *evaluate.general_figures(general_quality), "sparsity", "params", "bytes")
+        },
     }
     log.info("decay waves:\n%s", wave_table(rows))
     metrics = {f"final.{k}": v for k, v in final.items() if isinstance(v, int | float)}
@@ -306,15 +320,18 @@ def unit_target(pattern: dict[str, Any]) -> str:
 def wave_table(rows: list[dict[str, Any]]) -> str:
     """The waves as a Markdown table (logged at the end of the run, pasted into notes)."""
     lines = [
-        "| wave | target | sparsity | val ppl | KL | decision | reason |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| wave | target | sparsity | val ppl | KL | general ppl | general KL | decision | reason |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         target = "-" if r["target_sparsity"] is None else f"{r['target_sparsity']:.4f}"
         if "target_units" in r:
             target = unit_target(r["target_units"])
+        general = r.get("general") or {}
+        general_ppl = f"{general['ppl']:.3f}" if general else "-"
+        general_kl = f"{general['kl']:.4f}" if general else "-"
         lines.append(
-            f"| {r['wave']} | {target} | {r['sparsity']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['decision']} | "
-            f"{r['reason']} |"
+            f"| {r['wave']} | {target} | {r['sparsity']:.4f} | {r['ppl']:.3f} | {r['kl']:.4f} | {general_ppl} | "
+            f"{general_kl} | {r['decision']} | {r['reason']} |"
         )
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from birdbone.pipelines.heal import nodes as heal_nodes
 
 from . import nodes
 
-SHARED = {"blocks", "teacher", "heal_teacher", "profile_tensors"}
+SHARED = {"blocks", "teacher", "heal_teacher", "general", "profile_tensors"}
 PARAMS = {"params:decay", "params:heal", "params:regrow", "params:run"}
 
 
@@ -45,13 +45,22 @@ def wave_template() -> Pipeline:
             ),
             Node(
                 nodes.evaluate_wave,
-                ["live_regrown", "blocks", "teacher", "params:decay", "params:run"],
+                ["live_regrown", "blocks", "teacher", "general", "params:decay", "params:run"],
                 "live_evaluated",
                 name="evaluate",
             ),
             Node(
                 nodes.recover_wave,
-                ["live_evaluated", "blocks", "teacher", "heal_teacher", "params:decay", "params:heal", "params:run"],
+                [
+                    "live_evaluated",
+                    "blocks",
+                    "teacher",
+                    "heal_teacher",
+                    "general",
+                    "params:decay",
+                    "params:heal",
+                    "params:run",
+                ],
                 "live_recovered",
                 name="recover",
             ),
@@ -66,10 +75,25 @@ def wave_template() -> Pipeline:
 
 
 def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipeline:
-    """``waves`` wave namespaces (0: an empty pipeline, decay off), then the compaction,
-    the report, and with ``final_heal`` the final heal of the compacted model."""
+    """``waves`` wave namespaces, then the compaction, the report, and with ``final_heal``
+    the final heal of the compacted model. Without waves (decay off): with ``final_heal``
+    the heal of the dense model (a fake-quant heal learns the quantize grids), else nothing."""
+    heal_teacher = Node(
+        heal_nodes.cache_heal_teacher,
+        ["baseline_model", "blocks", "params:heal", "params:run"],
+        "heal_teacher",
+        name="cache_heal_teacher",
+    )
     if waves <= 0:
-        return Pipeline([])
+        if not final_heal:
+            return Pipeline([])
+        heal = Node(
+            heal_nodes.heal_dense,
+            ["baseline_model", "blocks", "heal_teacher", "general", "parameters"],
+            ["healed_model", "heal_report", "heal_plot", "heal_summary", "heal_metrics"],
+            name="heal_final",
+        )
+        return Pipeline([heal_teacher, heal])
     parts = [
         Node(
             nodes.cache_teacher,
@@ -77,12 +101,7 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
             "teacher",
             name="cache_teacher",
         ),
-        Node(
-            heal_nodes.cache_heal_teacher,
-            ["baseline_model", "blocks", "params:heal", "params:run"],
-            "heal_teacher",
-            name="cache_heal_teacher",
-        ),
+        heal_teacher,
         Pipeline(
             [
                 Node(
@@ -119,15 +138,16 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
     compact = Node(nodes.compact_decay, "last_wave", "decayed_model", name="compact_decay")
     report = Node(
         nodes.report_decay,
-        ["last_wave", "decayed_model", "blocks", "parameters", "params:run"],
+        ["last_wave", "decayed_model", "blocks", "general", "parameters", "params:run"],
         ["decay_report", "decay_plot", "decay_summary", "decay_metrics"],
         name="report_decay",
     )
-    parts.append(Pipeline([compact, report], inputs={"last_wave": f"wave_{waves}.state", "blocks": "blocks"}))
+    shared = {"last_wave": f"wave_{waves}.state", "blocks": "blocks", "general": "general"}
+    parts.append(Pipeline([compact, report], inputs=shared))
     if final_heal:
         heal = Node(
             heal_nodes.heal_final,
-            ["decayed_model", "last_wave", "blocks", "heal_teacher", "parameters"],
+            ["decayed_model", "last_wave", "blocks", "heal_teacher", "general", "parameters"],
             ["healed_model", "heal_report", "heal_plot", "heal_summary", "heal_metrics"],
             name="heal_final",
         )

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from birdbone.config import Recipe, validate_recipe
-from birdbone.core import modeling
+from birdbone.core import evaluate, modeling
 from birdbone.core.export import gguf
 from birdbone.core.export.artifact import export_model
 
@@ -44,15 +44,19 @@ def export(
     model: modeling.ModelBundle,
     dense: modeling.ModelBundle,
     blocks: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
     parameters: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Exports the recipe's last model to ``export.path``; the report, ``summary.json``'s
-    ``exports`` and ``speed``, and the MLflow metrics."""
+    ``exports``, ``exports_verified`` (llama.cpp's perplexity on the test split and its
+    quality on the general split) and ``speed``, and the MLflow metrics."""
     recipe = validate_recipe(parameters, Path.cwd())
     config = recipe.export
     modeling.prepare_runtime(recipe.run.model_copy(update={"device": "cpu"}))
     model.model.to("cpu")
-    report = export_model(model, config.path, config, blocks["test"], dense, tokenizer_pre(recipe), model_name(recipe))
+    report = export_model(
+        model, config.path, config, blocks["test"], dense, tokenizer_pre(recipe), model_name(recipe), general or None
+    )
     report["recipe_hash"] = recipe.hash()
     exports = [
         {k: f[k] for k in ("format", "path", "bytes") if k in f}
@@ -62,8 +66,11 @@ def export(
     summary: dict[str, Any] = {"recipe_hash": recipe.hash(), "exports": exports}
     metrics: dict[str, Any] = {}
     if "verify" in report:
-        summary["exports_verified"] = {k: report["verify"][k] for k in ("ppl_torch", "ppl_llama_cpp", "passed")}
-        metrics["export.ppl_llama_cpp"] = report["verify"]["ppl_llama_cpp"]
+        verify = report["verify"]
+        summary["exports_verified"] = {k: verify[k] for k in ("ppl_torch", "ppl_llama_cpp", "passed")}
+        summary["exports_verified"].update(evaluate.general_figures(verify.get("general")))
+        metrics["export.ppl_llama_cpp"] = verify["ppl_llama_cpp"]
+        metrics.update({f"export.{k}": v for k, v in evaluate.general_figures(verify.get("general")).items()})
     if "speed" in report:
         speed = report["speed"]
         summary["speed"] = {

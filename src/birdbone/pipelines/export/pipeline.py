@@ -15,7 +15,7 @@ def create_pipeline(source: str | None = None, **kwargs) -> Pipeline:
         [
             Node(
                 nodes.export,
-                [source, "baseline_model", "blocks", "parameters"],
+                [source, "baseline_model", "blocks", "general", "parameters"],
                 ["export_report", "export_summary", "export_metrics"],
                 name="export",
             )

@@ -68,29 +68,44 @@ def heal_wave(
     )
 
 
-def heal_final(
-    decayed: modeling.ModelBundle,
-    last: WaveHandle,
+def heal_dense(
+    baseline: modeling.ModelBundle,
     blocks: dict[str, torch.Tensor],
     heal_teacher: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
+    parameters: dict[str, Any],
+) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
+    """The final heal of the dense model, for a recipe without decay waves (with
+    ``heal.final.fake_quant``: quantization-aware training against the quantize grids)."""
+    return heal_final(baseline, None, blocks, heal_teacher, general, parameters)
+
+
+def heal_final(
+    decayed: modeling.ModelBundle,
+    last: WaveHandle | None,
+    blocks: dict[str, torch.Tensor],
+    heal_teacher: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
     parameters: dict[str, Any],
 ) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
     """The longer heal of the decayed (compacted) model, its masks kept; the healed model,
     the healing report (every wave's healing and this one), its curves, ``summary.json``'s
-    ``heal``, and the final numbers and curve for MLflow."""
+    ``heal``, and the final numbers and curve for MLflow. In-domain and general quality are
+    measured before and after."""
     recipe = validate_recipe(parameters, Path.cwd())
     config = recipe.heal
     device = modeling.prepare_runtime(recipe.run)
     bundle = decayed
     bundle.model.to(device)
     batch = config.batch_size
-    before = {
-        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"before final heal ({k})")["ppl"]
-        for k in ("validation", "test")
-    }
+    key = evaluate.quality_key(blocks, general or None)
+    before = evaluate.carried_quality(bundle, key)
+    if before is None:
+        before = evaluate.stage_quality(bundle.model, blocks, general, batch, device, "before final heal")
     grids = None
     if config.final.fake_quant:  # the grids the quantize stage will plan (mixed: allocated on this model)
-        grids, _, _ = plan(bundle, recipe.quantize, blocks, device)
+        # healing moves every weight: a source grid the model came on (a GGUF's Q4_1) cannot be kept
+        grids, _, _ = plan(bundle, recipe.quantize.model_copy(update={"keep_source_grid": False}), blocks, device)
         log.info("final heal against the quantize grids (%s, fake-quant)", recipe.quantize.label)
     report = heal_(
         bundle,
@@ -105,18 +120,17 @@ def heal_final(
         desc="final heal (fake-quant)" if grids is not None else "final heal",
         fake_quant=grids,
     )
-    after = {
-        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after final heal ({k})")["ppl"]
-        for k in ("validation", "test")
-    }
+    after = evaluate.stage_quality(bundle.model, blocks, general, batch, device, "after final heal")
     if grids is not None and not report.stopped:  # the quantize stage keeps to the grids trained against
         bundle.quant = QuantTable(grids)
     bundle.origin = {
         **bundle.origin,
         "heal": "final, fake-quant" if grids is not None else "final",
         "heal_steps": config.final.steps,
+        # the next stage's "before": the same model on the same text needs no second pass
+        "quality": {"key": key, "figures": after},
     }
-    rows = last.info["rows"]
+    rows = last.info["rows"] if last is not None else []
     curves = {f"wave {r['wave']}": r["heal"]["curve"] for r in rows if r.get("heal")}
     curves["final"] = report.curve
     waves_heal = [
@@ -125,18 +139,17 @@ def heal_final(
         if r.get("heal")
     ]
     final = {
-        "ppl_val_before": before["validation"],
-        "ppl_test_before": before["test"],
-        "ppl_val": after["validation"],
-        "ppl_test": after["test"],
+        **{f"{k}_before": v for k, v in before.items()},
+        **after,
         **{k: v for k, v in report.to_json().items() if k != "curve"},
     }
     log.info(
-        "final heal: %d steps in %.0f s, test perplexity %.3f -> %.3f%s",
+        "final heal: %d steps in %.0f s, test perplexity %.3f -> %.3f%s%s",
         report.steps,
         report.seconds,
-        before["test"],
-        after["test"],
+        before["ppl_test"],
+        after["ppl_test"],
+        evaluate.general_change(before, after),
         f" (stopped and undone: {report.stopped})" if report.stopped else "",
     )
     metrics = {f"heal.final.{k}": v for k, v in final.items() if isinstance(v, int | float) and not isinstance(v, bool)}

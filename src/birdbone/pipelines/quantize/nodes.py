@@ -208,12 +208,15 @@ def corrected(bundle: modeling.ModelBundle) -> Iterator[None]:
 
 
 def quantize_model(
-    model: modeling.ModelBundle, blocks: dict[str, torch.Tensor], parameters: dict[str, Any]
+    model: modeling.ModelBundle,
+    blocks: dict[str, torch.Tensor],
+    general: dict[str, torch.Tensor],
+    parameters: dict[str, Any],
 ) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
     """Quantizes the last model of the recipe (healed, decayed or baseline) to its grids,
     masks kept; the quantized model (with its grids and scales), the report (per-layer bits,
-    perplexity before and after), the bits-per-layer plot, ``summary.json``'s ``quantize``
-    and its MLflow metrics."""
+    in-domain and general quality before and after), the bits-per-layer plot,
+    ``summary.json``'s ``quantize`` and its MLflow metrics."""
     recipe = validate_recipe(parameters, Path.cwd())
     config = recipe.quantize
     device = modeling.prepare_runtime(recipe.run)
@@ -221,10 +224,10 @@ def quantize_model(
     bundle.model.to(device)
     check_quantize(bundle, config)
     batch = recipe.baseline.batch_size
-    before = {
-        k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"before quantizing ({k})")["ppl"]
-        for k in ("validation", "test")
-    }
+    key = evaluate.quality_key(blocks, general or None)
+    before = evaluate.carried_quality(bundle, key)
+    if before is None:
+        before = evaluate.stage_quality(bundle.model, blocks, general, batch, device, "before quantizing")
     factors = factor_plan(bundle, config.lowrank)
     originals = corrected_weights(bundle) if config.lowrank.correction_rank else {}
     start = time.perf_counter()
@@ -240,10 +243,7 @@ def quantize_model(
         }
         bundle.quant.corrections = corrections_for(bundle, originals, config, blocks, device)
     with corrected(bundle):
-        after = {
-            k: evaluate.perplexity(bundle.model, blocks[k], batch, device, f"after quantizing ({k})")["ppl"]
-            for k in ("validation", "test")
-        }
+        after = evaluate.stage_quality(bundle.model, blocks, general, batch, device, "after quantizing")
     avg = average_bits(bundle, grids, source)
     correction = correction_bits(linear_sizes(bundle), config.lowrank.correction_rank)
     layers = layer_rows(bundle, grids, source, allocation)
@@ -257,10 +257,8 @@ def quantize_model(
         "avg_bits": avg,
         "source_grid": source.describe() if source else None,
         "kept_source_grid": kept,
-        "ppl_val_before": before["validation"],
-        "ppl_test_before": before["test"],
-        "ppl_val": after["validation"],
-        "ppl_test": after["test"],
+        **{f"{k}_before": v for k, v in before.items()},
+        **after,
         "seconds": seconds,
         "correction_rank": config.lowrank.correction_rank,
         "correction_bits": correction,
@@ -275,16 +273,22 @@ def quantize_model(
         ),
     }
     log.info(
-        "quantized (%s%s): %.3f bits per weight, test perplexity %.3f -> %.3f (%+.1f %%) in %.0f s",
+        "quantized (%s%s): %.3f bits per weight, test perplexity %.3f -> %.3f (%+.1f %%)%s in %.0f s",
         config.label,
         f"; weights already on {source.describe()}, kept on it" if kept and source else "",
         avg,
-        before["test"],
-        after["test"],
-        100 * (after["test"] / before["test"] - 1),
+        before["ppl_test"],
+        after["ppl_test"],
+        100 * (after["ppl_test"] / before["ppl_test"] - 1),
+        evaluate.general_change(before, after),
         seconds,
     )
-    bundle.origin = {**bundle.origin, "quantize": config.label, "avg_bits": avg}
+    bundle.origin = {
+        **bundle.origin,
+        "quantize": config.label,
+        "avg_bits": avg,
+        "quality": {"key": key, "figures": after},
+    }
     title = f"Bits per layer: {config.label}, {avg:.3f} average"
     report = {
         "recipe_hash": recipe.hash(),

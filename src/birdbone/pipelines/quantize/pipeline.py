@@ -15,7 +15,7 @@ def create_pipeline(source: str | None = None, **kwargs) -> Pipeline:
         [
             Node(
                 nodes.quantize_model,
-                [source, "blocks", "parameters"],
+                [source, "blocks", "general", "parameters"],
                 ["quantized_model", "quantize_report", "quantize_plot", "quantize_summary", "quantize_metrics"],
                 name="quantize",
             )
