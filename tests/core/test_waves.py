@@ -40,7 +40,7 @@ DENSE_GENERAL = {"ppl": 10.0, "general": {"ppl": 50.0, "kl": 0.0, "top1": 1.0}}
 
 
 def test_a_wave_that_helps_in_domain_and_hurts_general_text_is_a_strike(tiny_bundle):
-    config = _config()
+    config = _config(general={"step_limit": 0.03, "budget": None})  # +6 % over dense: no budget to pass
     state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
     _run(state, config, 1, 9.0, general=51.0)  # better in-domain, +2 % general: kept
     assert state.rows[-1]["decision"] == "kept" and "general 51.000 (+2.0% against dense)" in state.rows[-1]["reason"]
@@ -160,6 +160,23 @@ def test_a_strike_in_the_last_wave_stands_and_the_skipped_waves_say_so(tiny_bund
         f"schedule complete; wave {last} stays with 1 strike(s) of 2 (the stop-loss reverts only after that many "
         "in a row)"
     )
+
+
+def test_a_last_wave_past_the_general_budget_is_undone_though_only_a_strike(tiny_bundle):
+    # the default recipe's two block waves on SmolLM2: each a strike at +23 % and +36 %
+    # general perplexity; a strike past the budget must not stand as the last wave
+    config = _config(general={"step_limit": 0.03, "budget": 0.05})
+    last = len(config.wave_targets())
+    state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    for wave in range(1, last):
+        _run(state, config, wave, 10.0, general=50.0)
+    accepted = _snapshot(state)
+    _run(state, config, last, 10.0, general=61.5)
+    row = state.rows[-1]
+    assert row["decision"] == "reverted"
+    assert "general perplexity 61.500 is +23.0% over dense, past the budget +5%" in row["reason"]
+    assert f"back to the accepted state of wave {last - 1}, decay stopped" in row["reason"]
+    assert _same(state, accepted)
 
 
 def test_gradual_rollback_restores_a_third_per_wave_most_important_first(tiny_bundle):
@@ -310,3 +327,18 @@ def test_an_undo_restores_the_masks_of_weights_that_were_zero_already(tiny_bundl
             _run(state, config, wave, ppl)
         assert state.rows[-1]["decision"] in {"reverted", "skipped"}
         assert _same(state, accepted), rollback
+
+
+def test_a_decay_the_gate_undid_whole_is_known_to_be_back_at_dense(tiny_bundle):
+    config = _config(rollback="full", general={"step_limit": 0.03, "budget": 0.05})
+    dense = _snapshot(waves.start(tiny_bundle, DENSE_GENERAL, "origin"))
+    state = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    assert waves.back_at_dense(state)
+    _run(state, config, 1, 10.0, general=52.0)  # +4 % general: a strike, pending
+    assert not waves.back_at_dense(state)
+    _run(state, config, 2, 10.0, general=60.0)  # past the budget: both undone
+    assert state.rows[-1]["decision"] == "reverted"
+    assert waves.back_at_dense(state) and _same(state, dense)
+    kept = waves.start(tiny_bundle, DENSE_GENERAL, "origin")
+    _run(kept, config, 1, 10.0, general=50.0)
+    assert kept.rows[-1]["decision"] == "kept" and not waves.back_at_dense(kept)

@@ -172,6 +172,15 @@ def quality_key(blocks: dict[str, torch.Tensor], general: dict[str, torch.Tensor
     return digest.hexdigest()[:16]
 
 
+def baseline_figures(quality: dict[str, Any]) -> dict[str, float]:
+    """The ``stage_quality`` figures of the baseline's quality report (``baseline_quality``:
+    ``validation``, ``test`` and ``general`` measured on the dense model)."""
+    figures = {"ppl_val": quality["validation"]["ppl"], "ppl_test": quality["test"]["ppl"]}
+    if "general" in quality:
+        figures.update(general_figures({k: quality["general"][k] for k in ("ppl", "kl", "top1")}))
+    return figures
+
+
 def carried_quality(bundle: Any, key: str) -> dict[str, float] | None:
     """The ``stage_quality`` figures the stage that wrote ``bundle`` measured on it (its
     ``origin['quality']``), if measured on the same text; None otherwise."""

@@ -10,9 +10,11 @@ healing on the user's own text can take a pruned model below the dense perplexit
 that in-domain gain is not a margin later waves must keep. ``strikes`` strikes in a row
 undo every wave since the last accepted state: at once (``full``), or a share at a time
 over the next ``rollback_waves`` waves, the most important weights first (``gradual``);
-either way the model ends bit for bit at the accepted state and the decay stops. A kept
-wave that takes perplexity past the end-to-end ``budget`` (relative to dense), or general
-perplexity past ``general.budget``, is undone and stops the decay too, and so does a wave that
+either way the model ends bit for bit at the accepted state and the decay stops. A wave
+that takes perplexity past the end-to-end ``budget`` (relative to dense), or general
+perplexity past ``general.budget``, is undone with every wave since the accepted state and
+stops the decay too, within its step limits or not (a strike past the budget would
+otherwise stand when it is the last wave), and so does a wave that
 went non-finite (NaN or inf in its weights, its healing loss, or its perplexity or KL),
 whatever the limits say: nothing later can be judged against a poisoned model.
 ``GateState`` is plain data (saved as JSON with each wave), so a
@@ -106,7 +108,7 @@ def check(
 
 
 def _past_budget(state: GateState, ppl: float, general: dict[str, float] | None, config: Any) -> str | None:
-    """Why a wave within its step limits still ends the decay: past an end-to-end budget."""
+    """Why a wave ends the decay, within its step limits or not: past an end-to-end budget."""
     total = ppl / state.dense_ppl - 1.0
     if config.budget is not None and total > config.budget:
         return f"perplexity {ppl:.3f} is {total:+.1%} over dense, past the budget {config.budget:+.0%}"
@@ -152,11 +154,11 @@ def judge(
             fault = f"general {'perplexity' if key == 'ppl' else 'KL to the dense model'} is {general[key]}"
     if fault is not None:
         return _stop(state, wave, "non-finite", f"non-finite: {fault}")
+    past = _past_budget(state, ppl, general, config)
+    if past is not None:  # a strike too: no later wave could bring it back within the budget
+        return _stop(state, wave, "budget", past)
     problems, rise, against = check(state, ppl, kl, config, general)
     if not problems:
-        past = _past_budget(state, ppl, general, config)
-        if past is not None:
-            return _stop(state, wave, "budget", past)
         state.reference_ppl, state.reference_kl, state.reference_wave = ppl, kl or 0.0, wave
         if general is not None:
             state.reference_general = dict(general)

@@ -343,12 +343,12 @@ def heal_(
                 logits = forward(input_ids=ids, use_cache=False).logits[:, :-1].float()
             targets = ids[:, 1:]
             ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-            loss = ce
+            loss = config.ce_weight * ce
             kl = None
             if config.distill > 0 and teacher is not None:
                 logprob, top = (teacher[key][index].to(device) for key in ("logprob", "index"))
                 kl = evaluate.topk_kl(logprob, top, logits).mean()
-                loss = ce + config.distill * kl
+                loss = loss + config.distill * kl
             if not _everywhere(bool(torch.isfinite(loss)), accelerator):
                 report.stopped = f"non-finite loss ({float(loss)}) at step {step + 1} with lr {lr:g}"
                 break

@@ -487,6 +487,12 @@ def plan_grids(bundle: Any, grid: Grid, keep_source_grid: bool = True) -> tuple[
     return {name: grid for name in weights}, source
 
 
+def keeps_source(grids: dict[str, Grid | None], source: Grid | None) -> bool:
+    """Whether a ``plan_grids`` plan leaves every weight on the source grid it came on (the
+    quantization is lossless: nothing for a fake-quant heal to learn around)."""
+    return source is not None and all(grid is None for grid in grids.values())
+
+
 def linear_sizes(bundle: Any) -> dict[str, tuple[int, int]]:
     """Each block Linear's weight name and shape."""
     return {f"{name}.weight": tuple(lin.weight.shape) for name, lin in bundle.adapter.linears(bundle.model).items()}

@@ -482,6 +482,19 @@ def evaluate_state(
     return state
 
 
+def back_at_dense(state: WaveState) -> bool:
+    """Whether the waves left the model as dense, bit for bit: the gate's accepted state is
+    wave 0 (undoing restores it exactly), nothing is pending or being rolled back, and no
+    weight is masked."""
+    gate = state.gate
+    return (
+        gate.reference_wave == 0
+        and not gate.pending
+        and gate.phase != ROLLBACK
+        and all(state.masks.kept(n) == state.masks.numel(n) for n in state.masks)
+    )
+
+
 def seal(state: WaveState) -> WaveDelta:
     """Records what this wave changed, from the weights before its decay to now (after
     healing and regrowth), as the wave's delta: undoing it restores the weights exactly."""

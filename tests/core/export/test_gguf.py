@@ -3,6 +3,7 @@ model it came from (or as our simulation of its quantization)."""
 
 from __future__ import annotations
 
+import copy
 import errno
 
 import gguf
@@ -137,6 +138,19 @@ def test_quantized_weights_are_packed_not_rounded_again(sharp, tmp_path) -> None
     export_gguf.simulate_(bundle, plan)
     ids = _ids(len(bundle.tokenizer), 4)
     assert abs(llamacpp.perplexity(path, ids)["ppl"] / evaluate.perplexity(bundle.model, ids)["ppl"] - 1) < 0.01
+
+
+def test_asymmetric_blocks_are_noted_only_where_weights_were_pruned(sharp, tmp_path) -> None:
+    dense = copy.deepcopy(sharp)
+    pruned = _quantized(sharp, lambda n: Grid(4, 32, False))
+    report = export_gguf.write_gguf(pruned, tmp_path / "pruned.gguf", progress=False)
+    assert "pruned weights hold the code nearest 0" in report["fallbacks"]["blk.0.attn_q.weight"]
+    linears = dense.adapter.linears(dense.model)
+    dense.masks = MaskSet({f"{n}.weight": torch.ones_like(lin.weight, dtype=torch.bool) for n, lin in linears.items()})
+    grids = {f"{n}.weight": Grid(4, 32, False) for n in linears}  # a Q4_1 model with masks, none pruned
+    dense.quant = QuantTable(grids, quantize_model_(dense, grids, "rtn", _ids(len(dense.tokenizer)), 2))
+    report = export_gguf.write_gguf(dense, tmp_path / "dense.gguf", progress=False)
+    assert report["types"]["Q4_1"] == 3 * 7 and not any(n.startswith("blk.") for n in report["fallbacks"])
 
 
 def test_a_head_the_quantize_stage_quantized_is_packed_as_it_left_it(sharp, tmp_path) -> None:

@@ -393,7 +393,9 @@ def plan_gguf(bundle: Any, float_type: str = "F16", embedding: str = "auto", arc
             grid = quant.grid_of(hf_name) if quant is not None else None
             columns = model.get_parameter(hf_name).shape[1]
             storage[name] = container(grid, columns) if grid is not None else Storage(float_type)
-            if grid is not None and not grid.sym and bundle.masks is not None and hf_name in bundle.masks:
+            masks = bundle.masks
+            pruned = masks is not None and hf_name in masks and masks.kept(hf_name) < masks.numel(hf_name)
+            if grid is not None and not grid.sym and pruned:
                 storage[name] = Storage(
                     storage[name].type,
                     storage[name].grid,

@@ -227,16 +227,25 @@ def cluster_metrics(row: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def compact_decay(last: WaveHandle) -> modeling.ModelBundle:
+def compact_decay(
+    last: WaveHandle, quality: dict[str, Any], blocks: dict[str, torch.Tensor], general: dict[str, torch.Tensor]
+) -> modeling.ModelBundle:
     """The decayed model with its masked units removed physically (channels, heads,
     blocks): smaller tensors, the same outputs. What stays masked (unstructured or N:M
-    sparsity) travels with it as its masks."""
+    sparsity) travels with it as its masks. A decay the gate undid whole is the dense
+    model bit for bit: it carries the baseline's quality (``quality``), so the next stages
+    measure it no second time."""
     state = last.state()
     before = evaluate.parameter_count(state.bundle.model)
+    at_dense = waves.back_at_dense(state)
     masks, info = compact_(state.bundle, state.masks)
     bundle = state.bundle
     bundle.masks = masks
     bundle.origin = {**bundle.origin, "decay_state": last.state_id, "wave": state.wave}
+    if at_dense:
+        key = evaluate.quality_key(blocks, general or None)
+        bundle.origin["quality"] = {"key": key, "figures": evaluate.baseline_figures(quality)}
+        log.info("the gate undid every wave: the decayed model is the dense model")
     log.info(
         "compacted the decayed model: %d -> %d parameters, %d blocks removed",
         before,
@@ -262,8 +271,14 @@ def report_decay(
     rows, gate = last.info["rows"], last.info["gate"]
     device = runtime(run)
     model = decayed.model.to(device)
-    test = evaluate.perplexity(model, blocks["test"], recipe.decay.batch_size, device, "final test")
-    general_quality = evaluate.general_quality(model, general, recipe.decay.batch_size, device, "final general")
+    carried = evaluate.carried_quality(decayed, evaluate.quality_key(blocks, general or None))
+    if carried is not None:  # the dense model, measured by the baseline
+        test = {"ppl": carried["ppl_test"]}
+        general_quality = {k: carried[f"{k}_general"] for k in ("ppl", "kl", "top1") if f"{k}_general" in carried}
+        general_quality = general_quality or None
+    else:
+        test = evaluate.perplexity(model, blocks["test"], recipe.decay.batch_size, device, "final test")
+        general_quality = evaluate.general_quality(model, general, recipe.decay.batch_size, device, "final general")
     assert decayed.path is not None
     masks = decayed.masks
     params = evaluate.parameter_count(model)

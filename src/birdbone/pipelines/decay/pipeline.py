@@ -89,7 +89,7 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
             return Pipeline([])
         heal = Node(
             heal_nodes.heal_dense,
-            ["baseline_model", "blocks", "heal_teacher", "general", "parameters"],
+            ["baseline_model", "baseline_quality", "blocks", "heal_teacher", "general", "parameters"],
             ["healed_model", "heal_report", "heal_plot", "heal_summary", "heal_metrics"],
             name="heal_final",
         )
@@ -135,7 +135,12 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
                 parameters=PARAMS,
             )
         )
-    compact = Node(nodes.compact_decay, "last_wave", "decayed_model", name="compact_decay")
+    compact = Node(
+        nodes.compact_decay,
+        ["last_wave", "baseline_quality", "blocks", "general"],
+        "decayed_model",
+        name="compact_decay",
+    )
     report = Node(
         nodes.report_decay,
         ["last_wave", "decayed_model", "blocks", "general", "parameters", "params:run"],

@@ -11,8 +11,8 @@ from matplotlib.figure import Figure
 
 from birdbone.config import DecayConfig, HealConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, waves
-from birdbone.core.heal import heal_, healing_view
-from birdbone.core.quantize import QuantTable
+from birdbone.core.heal import HealReport, heal_, healing_view
+from birdbone.core.quantize import QuantTable, keeps_source
 from birdbone.datasets import WaveHandle
 from birdbone.pipelines import runtime
 from birdbone.pipelines.quantize.nodes import plan
@@ -70,13 +70,17 @@ def heal_wave(
 
 def heal_dense(
     baseline: modeling.ModelBundle,
+    quality: dict[str, Any],
     blocks: dict[str, torch.Tensor],
     heal_teacher: dict[str, torch.Tensor],
     general: dict[str, torch.Tensor],
     parameters: dict[str, Any],
 ) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
     """The final heal of the dense model, for a recipe without decay waves (with
-    ``heal.final.fake_quant``: quantization-aware training against the quantize grids)."""
+    ``heal.final.fake_quant``: quantization-aware training against the quantize grids).
+    Its before-figures are the baseline's (``baseline_quality``), measured once."""
+    key = evaluate.quality_key(blocks, general or None)
+    baseline.origin = {**baseline.origin, "quality": {"key": key, "figures": evaluate.baseline_figures(quality)}}
     return heal_final(baseline, None, blocks, heal_teacher, general, parameters)
 
 
@@ -102,31 +106,43 @@ def heal_final(
     before = evaluate.carried_quality(bundle, key)
     if before is None:
         before = evaluate.stage_quality(bundle.model, blocks, general, batch, device, "before final heal")
-    grids = None
+    grids, skipped = None, None
     if config.final.fake_quant:  # the grids the quantize stage will plan (mixed: allocated on this model)
-        # healing moves every weight: a source grid the model came on (a GGUF's Q4_1) cannot be kept
-        grids, _, _ = plan(bundle, recipe.quantize.model_copy(update={"keep_source_grid": False}), blocks, device)
-        log.info("final heal against the quantize grids (%s, fake-quant)", recipe.quantize.label)
-    report = heal_(
-        bundle,
-        bundle.masks,
-        blocks["healing"],
-        config,
-        config.final.steps,
-        config.final.lr,
-        heal_teacher_for(config, heal_teacher),
-        blocks["validation"],
-        device,
-        desc="final heal (fake-quant)" if grids is not None else "final heal",
-        fake_quant=grids,
-    )
-    after = evaluate.stage_quality(bundle.model, blocks, general, batch, device, "after final heal")
-    if grids is not None and not report.stopped:  # the quantize stage keeps to the grids trained against
+        grids, source, _ = plan(bundle, recipe.quantize, blocks, device)
+        if keeps_source(grids, source):
+            # the weights lie on a grid the quantize stage keeps losslessly (a GGUF's Q4_1):
+            # a fake-quant heal could only move them off it onto a coarser one
+            skipped = (
+                f"the block weights lie on their source grid ({source.describe()}), which the quantize stage "
+                "keeps as it is (quantize.keep_source_grid): nothing to learn around, and healing would move "
+                "them off it"
+            )
+        else:
+            log.info("final heal against the quantize grids (%s, fake-quant)", recipe.quantize.label)
+    if skipped is not None:
+        log.info("final heal skipped: %s", skipped)
+        report, after = HealReport(steps=0, lr=config.final.lr), before
+    else:
+        report = heal_(
+            bundle,
+            bundle.masks,
+            blocks["healing"],
+            config,
+            config.final.steps,
+            config.final.lr,
+            heal_teacher_for(config, heal_teacher),
+            blocks["validation"],
+            device,
+            desc="final heal (fake-quant)" if grids is not None else "final heal",
+            fake_quant=grids,
+        )
+        after = evaluate.stage_quality(bundle.model, blocks, general, batch, device, "after final heal")
+    if grids is not None and skipped is None and not report.stopped:  # the quantize stage keeps to these grids
         bundle.quant = QuantTable(grids)
     bundle.origin = {
         **bundle.origin,
-        "heal": "final, fake-quant" if grids is not None else "final",
-        "heal_steps": config.final.steps,
+        "heal": "final skipped" if skipped else "final, fake-quant" if grids is not None else "final",
+        "heal_steps": report.steps,
         # the next stage's "before": the same model on the same text needs no second pass
         "quality": {"key": key, "figures": after},
     }
@@ -142,6 +158,7 @@ def heal_final(
         **{f"{k}_before": v for k, v in before.items()},
         **after,
         **{k: v for k, v in report.to_json().items() if k != "curve"},
+        **({"skipped": skipped} if skipped else {}),
     }
     log.info(
         "final heal: %d steps in %.0f s, test perplexity %.3f -> %.3f%s%s",
