@@ -3,6 +3,7 @@ against Q4_0 (the default recipe without removal) does to text no stage trains o
 
     .venv/bin/python bench/qat_general.py                   # every variant (about 30 min on 2 cores)
     .venv/bin/python bench/qat_general.py --only none,kl
+    .venv/bin/python bench/qat_general.py --only "q4_1 kept" --heads gptq4,gptq4_1,gptq5 --merge
 
 Each variant starts from the default model (SmolLM2-135M), heals it for the default
 recipe's 48 steps against the quantize grid (Q4_0: 4 bits, groups of 32, round to nearest,
@@ -18,8 +19,17 @@ perplexity, KL to dense and top-1 agreement.
   (``heal.ce_weight: 1``, ``heal.distill: 1``: the recipe before this bench);
 - ``kl``: the KL to the dense model alone (``heal.ce_weight: 0``): the quantized model is
   taught the dense model's predictions on the healing text, not the text;
+- ``kl full``: the KL over the whole vocabulary, the dense model run beside the student on
+  every batch (``heal.distill_top_k: null``) instead of its cached top-32;
+- ``kl generated``, ``kl mixed``, ``ce+kl generated``: healed and calibrated on text the
+  dense model wrote (``{kind: generated}``: 128 blocks, seed 2, cached in
+  ``bench/.cache/generated``), all of the calibration and healing blocks or half of them
+  (``data.mix_generated``, as the pipeline mixes them);
 - ``q4_1 kept``: no heal, the blocks left on the Q4_1 grid the default model came on
   (``quantize.keep_source_grid``: lossless), only the head quantized.
+
+``--heads`` picks the head's quantizations (default: gptq4, rtn4, q8; also gptq4_1, gptq5,
+gptq5_1: GPTQ to Q4_1, Q5_0, Q5_1).
 
 ``--merge`` keeps the rows of an earlier ``--out`` that this run does not measure again.
 
@@ -44,13 +54,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prune_quality import default_text, machine  # noqa: E402
 
-from birdbone.config import DataConfig, DefaultModel, GPTQOptions, HealConfig  # noqa: E402
-from birdbone.core import data, evaluate, modeling, plots  # noqa: E402
+from birdbone.config import DataConfig, DefaultModel, GeneratedText, GPTQOptions, HealConfig  # noqa: E402
+from birdbone.core import data, evaluate, generate, modeling, plots  # noqa: E402
 from birdbone.core.heal import heal_, healing_view  # noqa: E402
 from birdbone.core.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 from birdbone.core.quantize import Grid, plan_grids, quantize_model_  # noqa: E402
 
 log = logging.getLogger("bench.qat_general")
+CACHE = Path(__file__).resolve().parent / ".cache/generated"
 
 GRID = Grid(4, 32, True)  # llama.cpp Q4_0
 BASE = {  # conf/base/parameters_heal.yml's LoRA and final heal
@@ -67,11 +78,25 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "ce+kl": {"ce_weight": 1.0},
     "kl": {"ce_weight": 0.0},
+    # the KL over the whole vocabulary, the dense model run beside the student on every batch
+    "kl full": {"ce_weight": 0.0, "distill_top_k": None},
+    # healed (and calibrated) on text the dense model wrote ({kind: generated}), alone or half
+    "kl generated": {"ce_weight": 0.0, "text": 1.0},
+    "kl mixed": {"ce_weight": 0.0, "text": 0.5},
+    "ce+kl generated": {"ce_weight": 1.0, "text": 1.0},
     "q4_1 kept": None,  # no heal, the blocks left on the grid they came on (the package's Q4_1)
 }
+# the generated source as conf would name it: 128 blocks of data.block_size, another seed
+# than the general split's (1), cached in bench/.cache/generated
+GENERATED = {"kind": "generated", "blocks": 128, "ratio": 1.0, "temperature": 1.0, "seed": 2, "batch_size": 32}
 # the output head (tied to the embedding): GPTQ Q4_0 with the Hessian of the calibration
-# blocks (in-domain text), round-to-nearest Q4_0, or Q8_0
+# blocks (in-domain text), round-to-nearest Q4_0, or Q8_0; --heads adds GPTQ Q4_1, Q5_0, Q5_1
 HEADS = {"gptq4": (GRID, "gptq"), "rtn4": (GRID, "rtn"), "q8": (Grid(8, 32, True), "rtn")}
+MORE_HEADS = {
+    "gptq4_1": (Grid(4, 32, False), "gptq"),
+    "gptq5": (Grid(5, 32, True), "gptq"),
+    "gptq5_1": (Grid(5, 32, False), "gptq"),
+}
 
 
 def general_split(model: Any, tokenizer: Any, config: DataConfig) -> dict[str, torch.Tensor]:
@@ -98,40 +123,59 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/qat_general.json"))
     parser.add_argument("--merge", action="store_true", help="keep --out's rows this run does not measure")
     parser.add_argument("--general", type=Path, help="a run's data/03_primary/general.safetensors (else written anew)")
+    parser.add_argument(
+        "--heads", default=",".join(HEADS), help="comma-separated, of: " + ", ".join({**HEADS, **MORE_HEADS})
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(0)
     dense = modeling.load_model(DefaultModel(kind="default"))
-    text = default_text()
-    blocks, _ = data.build_blocks(text, dense.tokenizer)
+    text_config = default_text()
+    blocks, _ = data.build_blocks(text_config, dense.tokenizer)
     if args.general is not None:
         from safetensors.torch import load_file
 
         general = load_file(args.general)
     else:
-        general = general_split(dense.model, dense.tokenizer, text)
+        general = general_split(dense.model, dense.tokenizer, text_config)
     rows = [{"name": "dense", **measure(dense.model, blocks, general, "dense")}]
-    teacher = None
+    made = None
     for name in [n for n in args.only.split(",") if n]:
         healed = copy.deepcopy(dense)
         heal: dict[str, Any] = {"steps": 0}
+        text = blocks
         if VARIANTS[name] is not None:
-            config = HealConfig.model_validate({**BASE, **VARIANTS[name]})
-            healing = healing_view(blocks["healing"], config)
-            if teacher is None:
-                teacher = evaluate.teacher_topk(dense.model, healing, config.distill_top_k, config.batch_size)
+            updates = dict(VARIANTS[name])
+            ratio = updates.pop("text", None)
+            if ratio is not None:  # the splits as the pipeline mixes them (data.mix_generated)
+                if made is None:
+                    source = GeneratedText.model_validate(GENERATED)
+                    digest = generate.model_digest(dense.model)
+                    made, _ = generate.generated_text(
+                        dense.model, dense.tokenizer, source, text_config.block_size, digest, "cpu", CACHE
+                    )
+                text, mix = data.mix_generated(blocks, made, ratio)
+                heal["text"] = mix
+            config = HealConfig.model_validate({**BASE, **updates})
+            if config.distill_top_k is None:
+                teacher = dense.model  # live: the whole vocabulary, every batch
+            else:
+                teacher = evaluate.teacher_topk(
+                    dense.model, healing_view(text["healing"], config), config.distill_top_k, config.batch_size
+                )
             grids, _ = plan_grids(healed, GRID, keep_source_grid=False)
             report = heal_(
-                healed, healed.masks, blocks["healing"], config, args.steps, args.lr, teacher, None, "cpu",
+                healed, healed.masks, text["healing"], config, args.steps, args.lr, teacher, None, "cpu",
                 desc=f"{name} heal", fake_quant=grids,
             )  # fmt: skip
-            heal = {"steps": report.steps, "heal_seconds": report.seconds}
-        for head, (grid, method) in HEADS.items():
+            heal.update(steps=report.steps, heal_seconds=report.seconds)
+        for head in [h for h in args.heads.split(",") if h]:
+            grid, method = {**HEADS, **MORE_HEADS}[head]
             bundle = copy.deepcopy(healed)
             start = time.perf_counter()
             grids, _ = plan_grids(bundle, GRID, keep_source_grid=name == "q4_1 kept")
             quantize_model_(
-                bundle, grids, "rtn", blocks["calibration"][:32], 4, "cpu", GPTQOptions(), head=(grid, method)
+                bundle, grids, "rtn", text["calibration"][:32], 4, "cpu", GPTQOptions(), head=(grid, method)
             )  # fmt: skip
             row = {"name": f"{name} / head {head}", "heal": name, "head": head, **heal}
             row.update(measure(bundle.model, blocks, general, row["name"]), seconds=time.perf_counter() - start)

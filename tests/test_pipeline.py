@@ -224,3 +224,61 @@ def test_a_quantize_group_that_does_not_divide_a_layer_fails_before_the_first_wa
     with pytest.raises(QuantizeError, match="q_proj.weight has 64 input columns, which groups of 48 do not divide"):
         run(project, quantize={"group": 48})
     assert not (project / "models/waves/wave_1").exists()
+
+
+def test_generated_healing_text_is_mixed_in_cached_and_reused_by_the_next_run(project):
+    import yaml
+
+    from birdbone.config import DataConfig
+    from birdbone.core import modeling
+    from birdbone.core.data import build_blocks
+    from birdbone.datasets import TensorsDataset
+
+    text = yaml.safe_load((project / "conf/test/parameters_data.yml").read_text())["data"]
+    generated = {"kind": "generated", "blocks": 12, "ratio": 0.5, "seed": 2, "batch_size": 4}
+    sources = [*text["sources"], generated]
+    bootstrap_project(project)
+    runs = []
+    for _ in range(2):
+        with KedroSession.create(project_path=project, env="test", runtime_params={"data": {"sources": sources}}) as s:
+            s.run(pipeline_name="baseline")
+        runs.append(TensorsDataset(str(project / "data/03_primary/blocks.safetensors")).load())
+    report = json.loads((project / "data/03_primary/blocks.json").read_text())["generated"]
+    assert report["reused"] and report["calibration"] == 8 and report["healing"] == 4  # half of 16 calibration blocks
+    summary = json.loads((project / "data/08_reporting/summary.json").read_text())["baseline"]["generated"]
+    assert summary["key"] == report["key"] and summary["reused"]
+    blocks = runs[1]
+    assert all(torch.equal(blocks[k], runs[0][k]) for k in blocks)  # the second run read the first one's text
+    cache = TensorsDataset(str(project / report["path"])).load()["blocks"]
+    assert torch.equal(blocks["calibration"][1::2], cache[:8]) and torch.equal(blocks["healing"][1::2], cache[8:])
+    user, _ = build_blocks(DataConfig.model_validate(text), modeling.tiny_tokenizer(512))
+    assert torch.equal(blocks["test"], user["test"]) and torch.equal(blocks["validation"], user["validation"])
+    assert torch.equal(blocks["calibration"][::2], user["calibration"][:8])
+    general = TensorsDataset(str(project / "data/03_primary/general.safetensors")).load()["blocks"]
+    assert not any(torch.equal(g, c) for g in general for c in cache)  # another seed: never the judged text
+
+
+def test_live_distillation_runs_the_dense_model_beside_every_heal_and_caches_nothing(project):
+    from birdbone.datasets import TensorsDataset
+
+    run(project, heal={"distill_top_k": None})
+    assert TensorsDataset(str(project / "data/04_feature/heal_teacher_topk.safetensors")).load() == {}
+    heal = json.loads((project / "data/08_reporting/heal.json").read_text())
+    assert heal["waves"] and all(wave["steps"] > 0 and not wave["stopped"] for wave in heal["waves"])
+    assert heal["final"]["merged"] and all("kl" in point for point in heal["final"]["curve"] if "loss" in point)
+
+
+def test_general_text_you_name_is_measured_after_the_blocks_the_model_wrote(project):
+    from birdbone.datasets import TensorsDataset
+
+    (project / "data/01_raw/wiki.txt").write_text("Rivers carry water from the hills down to the sea. " * 60)
+    general = {"blocks": 4, "sources": [{"kind": "txt", "path": "data/01_raw/wiki.txt"}], "text_blocks": 3}
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="test", runtime_params={"data": {"general": general}}) as s:
+        s.run(pipeline_name="baseline")
+    split = TensorsDataset(str(project / "data/03_primary/general.safetensors")).load()
+    assert split["blocks"].shape == (7, 64) and int(split["named_blocks"]) == 3
+    assert split["index"].shape[0] == 7  # the dense model's predictions cover the named text too
+    assert json.loads((project / "data/03_primary/blocks.json").read_text())["general_text_blocks"] == 3
+    summary = json.loads((project / "data/08_reporting/baseline.json").read_text())
+    assert summary["quality"]["general"]["tokens"] == 7 * 63

@@ -43,25 +43,13 @@ def _run_kedro_node(node_names=None, namespaces=None):
 )
 def birdbone_baseline():
 
-    @task(task_id="build-blocks")
-    def build_blocks():
-        _run_kedro_node(node_names=["build_blocks"])
-
-    @task(task_id="import-model")
-    def import_model():
-        _run_kedro_node(node_names=["import_model"])
-
-    @task(task_id="generate-general")
-    def generate_general():
-        _run_kedro_node(node_names=["generate_general"])
+    @task(task_id="build-blocks-import-model-add-generated-generate-general")
+    def build_blocks_import_model_add_generated_generate_general():
+        _run_kedro_node(node_names=["build_blocks", "import_model", "add_generated", "generate_general"])
 
     @task(task_id="measure-size")
     def measure_size():
         _run_kedro_node(node_names=["measure_size"])
-
-    @task(task_id="measure-speed")
-    def measure_speed():
-        _run_kedro_node(node_names=["measure_speed"])
 
     @task(task_id="scan-spectra")
     def scan_spectra():
@@ -75,6 +63,10 @@ def birdbone_baseline():
     def measure_quality():
         _run_kedro_node(node_names=["measure_quality"])
 
+    @task(task_id="measure-speed")
+    def measure_speed():
+        _run_kedro_node(node_names=["measure_speed"])
+
     @task(task_id="report-baseline")
     def report_baseline():
         _run_kedro_node(node_names=["report_baseline"])
@@ -84,33 +76,26 @@ def birdbone_baseline():
         _run_kedro_node(node_names=["summarize"])
 
     tasks = {
-        "build-blocks": build_blocks(),
-        "import-model": import_model(),
-        "generate-general": generate_general(),
+        "build-blocks-import-model-add-generated-generate-general": build_blocks_import_model_add_generated_generate_general(),
         "measure-size": measure_size(),
-        "measure-speed": measure_speed(),
         "scan-spectra": scan_spectra(),
         "score-tasks": score_tasks(),
         "measure-quality": measure_quality(),
+        "measure-speed": measure_speed(),
         "report-baseline": report_baseline(),
         "summarize": summarize(),
     }
-    tasks["build-blocks"] >> tasks["import-model"]
-    tasks["import-model"] >> tasks["generate-general"]
-    tasks["import-model"] >> tasks["measure-size"]
-    tasks["build-blocks"] >> tasks["measure-speed"]
-    tasks["import-model"] >> tasks["measure-speed"]
-    tasks["import-model"] >> tasks["scan-spectra"]
-    tasks["import-model"] >> tasks["score-tasks"]
-    tasks["build-blocks"] >> tasks["measure-quality"]
-    tasks["import-model"] >> tasks["measure-quality"]
-    tasks["generate-general"] >> tasks["measure-quality"]
-    tasks["build-blocks"] >> tasks["report-baseline"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["measure-size"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["scan-spectra"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["score-tasks"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["measure-quality"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["measure-speed"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["report-baseline"]
     tasks["measure-size"] >> tasks["report-baseline"]
-    tasks["measure-speed"] >> tasks["report-baseline"]
     tasks["scan-spectra"] >> tasks["report-baseline"]
     tasks["score-tasks"] >> tasks["report-baseline"]
     tasks["measure-quality"] >> tasks["report-baseline"]
+    tasks["measure-speed"] >> tasks["report-baseline"]
     tasks["report-baseline"] >> tasks["summarize"]
 
 

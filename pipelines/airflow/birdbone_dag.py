@@ -43,37 +43,13 @@ def _run_kedro_node(node_names=None, namespaces=None):
 )
 def birdbone():
 
-    @task(task_id="build-blocks")
-    def build_blocks():
-        _run_kedro_node(node_names=["build_blocks"])
-
-    @task(task_id="import-model")
-    def import_model():
-        _run_kedro_node(node_names=["import_model"])
-
-    @task(task_id="cache-heal-teacher")
-    def cache_heal_teacher():
-        _run_kedro_node(node_names=["cache_heal_teacher"])
-
-    @task(task_id="cache-teacher")
-    def cache_teacher():
-        _run_kedro_node(node_names=["cache_teacher"])
-
-    @task(task_id="generate-general")
-    def generate_general():
-        _run_kedro_node(node_names=["generate_general"])
+    @task(task_id="build-blocks-import-model-add-generated-generate-general")
+    def build_blocks_import_model_add_generated_generate_general():
+        _run_kedro_node(node_names=["build_blocks", "import_model", "add_generated", "generate_general"])
 
     @task(task_id="measure-size")
     def measure_size():
         _run_kedro_node(node_names=["measure_size"])
-
-    @task(task_id="measure-speed")
-    def measure_speed():
-        _run_kedro_node(node_names=["measure_speed"])
-
-    @task(task_id="profile-model")
-    def profile_model():
-        _run_kedro_node(node_names=["profile_model"])
 
     @task(task_id="scan-spectra")
     def scan_spectra():
@@ -83,9 +59,25 @@ def birdbone():
     def score_tasks():
         _run_kedro_node(node_names=["score_tasks"])
 
+    @task(task_id="cache-heal-teacher")
+    def cache_heal_teacher():
+        _run_kedro_node(node_names=["cache_heal_teacher"])
+
+    @task(task_id="cache-teacher")
+    def cache_teacher():
+        _run_kedro_node(node_names=["cache_teacher"])
+
     @task(task_id="measure-quality")
     def measure_quality():
         _run_kedro_node(node_names=["measure_quality"])
+
+    @task(task_id="measure-speed")
+    def measure_speed():
+        _run_kedro_node(node_names=["measure_speed"])
+
+    @task(task_id="profile-model")
+    def profile_model():
+        _run_kedro_node(node_names=["profile_model"])
 
     @task(task_id="plot-profile")
     def plot_profile():
@@ -132,17 +124,15 @@ def birdbone():
         _run_kedro_node(node_names=["export"])
 
     tasks = {
-        "build-blocks": build_blocks(),
-        "import-model": import_model(),
-        "cache-heal-teacher": cache_heal_teacher(),
-        "cache-teacher": cache_teacher(),
-        "generate-general": generate_general(),
+        "build-blocks-import-model-add-generated-generate-general": build_blocks_import_model_add_generated_generate_general(),
         "measure-size": measure_size(),
-        "measure-speed": measure_speed(),
-        "profile-model": profile_model(),
         "scan-spectra": scan_spectra(),
         "score-tasks": score_tasks(),
+        "cache-heal-teacher": cache_heal_teacher(),
+        "cache-teacher": cache_teacher(),
         "measure-quality": measure_quality(),
+        "measure-speed": measure_speed(),
+        "profile-model": profile_model(),
         "plot-profile": plot_profile(),
         "report-baseline": report_baseline(),
         "wave-0-start": wave_0_start(),
@@ -155,64 +145,47 @@ def birdbone():
         "quantize": quantize(),
         "export": export(),
     }
-    tasks["build-blocks"] >> tasks["import-model"]
-    tasks["build-blocks"] >> tasks["cache-heal-teacher"]
-    tasks["import-model"] >> tasks["cache-heal-teacher"]
-    tasks["build-blocks"] >> tasks["cache-teacher"]
-    tasks["import-model"] >> tasks["cache-teacher"]
-    tasks["import-model"] >> tasks["generate-general"]
-    tasks["import-model"] >> tasks["measure-size"]
-    tasks["build-blocks"] >> tasks["measure-speed"]
-    tasks["import-model"] >> tasks["measure-speed"]
-    tasks["build-blocks"] >> tasks["profile-model"]
-    tasks["import-model"] >> tasks["profile-model"]
-    tasks["import-model"] >> tasks["scan-spectra"]
-    tasks["import-model"] >> tasks["score-tasks"]
-    tasks["build-blocks"] >> tasks["measure-quality"]
-    tasks["import-model"] >> tasks["measure-quality"]
-    tasks["generate-general"] >> tasks["measure-quality"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["measure-size"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["scan-spectra"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["score-tasks"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["cache-heal-teacher"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["cache-teacher"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["measure-quality"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["measure-speed"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["profile-model"]
     tasks["profile-model"] >> tasks["plot-profile"]
-    tasks["build-blocks"] >> tasks["report-baseline"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["report-baseline"]
     tasks["measure-size"] >> tasks["report-baseline"]
-    tasks["measure-speed"] >> tasks["report-baseline"]
     tasks["scan-spectra"] >> tasks["report-baseline"]
     tasks["score-tasks"] >> tasks["report-baseline"]
     tasks["measure-quality"] >> tasks["report-baseline"]
-    tasks["build-blocks"] >> tasks["wave-0-start"]
-    tasks["import-model"] >> tasks["wave-0-start"]
+    tasks["measure-speed"] >> tasks["report-baseline"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["wave-0-start"]
     tasks["measure-quality"] >> tasks["wave-0-start"]
     tasks["report-baseline"] >> tasks["summarize"]
-    tasks["build-blocks"] >> tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"]
     tasks["cache-heal-teacher"] >> tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"]
     tasks["cache-teacher"] >> tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"]
-    tasks["generate-general"] >> tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"]
     tasks["profile-model"] >> tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"]
     tasks["wave-0-start"] >> tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"]
-    tasks["build-blocks"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
     tasks["cache-heal-teacher"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
     tasks["cache-teacher"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
-    tasks["generate-general"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
     tasks["profile-model"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
     tasks["wave-1-decay-wave-1-heal-wave-1-regrow-wave-1-evaluate-wave-1-recover-wave-1-gate"] >> tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"]
-    tasks["build-blocks"] >> tasks["compact-decay"]
-    tasks["generate-general"] >> tasks["compact-decay"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["compact-decay"]
     tasks["measure-quality"] >> tasks["compact-decay"]
     tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"] >> tasks["compact-decay"]
-    tasks["build-blocks"] >> tasks["heal-final"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["heal-final"]
     tasks["cache-heal-teacher"] >> tasks["heal-final"]
-    tasks["generate-general"] >> tasks["heal-final"]
     tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"] >> tasks["heal-final"]
     tasks["compact-decay"] >> tasks["heal-final"]
-    tasks["build-blocks"] >> tasks["report-decay"]
-    tasks["generate-general"] >> tasks["report-decay"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["report-decay"]
     tasks["wave-2-decay-wave-2-heal-wave-2-regrow-wave-2-evaluate-wave-2-recover-wave-2-gate"] >> tasks["report-decay"]
     tasks["compact-decay"] >> tasks["report-decay"]
-    tasks["build-blocks"] >> tasks["quantize"]
-    tasks["generate-general"] >> tasks["quantize"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["quantize"]
     tasks["heal-final"] >> tasks["quantize"]
-    tasks["build-blocks"] >> tasks["export"]
-    tasks["import-model"] >> tasks["export"]
-    tasks["generate-general"] >> tasks["export"]
+    tasks["build-blocks-import-model-add-generated-generate-general"] >> tasks["export"]
     tasks["quantize"] >> tasks["export"]
 
 

@@ -240,7 +240,36 @@ class HFDatasetText(Stage):
     split: str | None = None
 
 
-TextSource = Annotated[PydocText | TxtText | JsonlText | HFDatasetText, Field(discriminator="kind")]
+UserText = Annotated[PydocText | TxtText | JsonlText | HFDatasetText, Field(discriminator="kind")]
+
+
+class GeneratedText(Stage):
+    """Text the dense model writes itself (``core.generate``), mixed into the calibration
+    and healing splits (never test or validation, which stay the user's text): ``ratio`` of
+    their blocks are generated, interleaved so every prefix holds that share. Each of
+    ``blocks`` sequences starts from a random first token, or from a prompt of ``prompts``
+    (any text source, a document a prompt) through the chat template. Written once per
+    model and settings and reused (``data/02_intermediate/generated``). Its seed must
+    differ from the general split's, so no stage trains on the text it is judged on.
+
+    Example::
+
+        sources:
+          - {kind: pydoc_topics}
+          - {kind: generated, blocks: 128, ratio: 0.5, temperature: 1.0, top_p: 1.0, seed: 2}
+    """
+
+    kind: Literal["generated"]
+    blocks: PositiveInt = 128  # sequences of data.block_size tokens
+    ratio: Annotated[float, Field(gt=0, le=1)] = 0.5  # share of the calibration and healing blocks
+    temperature: Annotated[float, Field(gt=0, le=4)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    seed: NonNegativeInt = 2
+    prompts: UserText | None = None  # null: random first tokens
+    batch_size: PositiveInt = 32  # sequences written at once
+
+
+TextSource = Annotated[PydocText | TxtText | JsonlText | HFDatasetText | GeneratedText, Field(discriminator="kind")]
 
 
 class SplitsConfig(Stage):
@@ -260,17 +289,26 @@ class SplitsConfig(Stage):
 class GeneralTextConfig(Stage):
     """The general split: text the dense model writes itself (``core.generate``), which no
     stage trains on, so its perplexity, KL and top-1 agreement with dense say what a model
-    lost outside the user's text. ``blocks: 0`` turns it off.
+    lost outside the user's text; plus the first ``text_blocks`` blocks of any general text
+    the user names (``sources``: text sources, which must share no document with
+    ``data.sources``). ``blocks: 0`` and no ``sources`` turn it off.
 
     Example::
 
-        general: {blocks: 32, temperature: 1.0, seed: 1, batch_size: 32}
+        general: {blocks: 32, temperature: 1.0, seed: 1, batch_size: 32,
+                  sources: [{kind: txt, path: data/01_raw/wiki.txt}], text_blocks: 32}
     """
 
     blocks: NonNegativeInt = 32
     temperature: Annotated[float, Field(gt=0, le=4)] = 1.0
     seed: NonNegativeInt = 1
     batch_size: PositiveInt = 32  # sequences written at once
+    sources: list[UserText] = []  # general text of yours, measured beside the written blocks
+    text_blocks: PositiveInt = 32  # blocks of data.block_size taken from them (the first, after a seeded shuffle)
+
+    @property
+    def enabled(self) -> bool:
+        return self.blocks > 0 or bool(self.sources)
 
 
 class DataConfig(Stage):
@@ -294,6 +332,27 @@ class DataConfig(Stage):
     seed: NonNegativeInt = 0
     shuffle_documents: bool = True
     general: GeneralTextConfig = GeneralTextConfig()
+
+    @model_validator(mode="after")
+    def _generated(self) -> DataConfig:
+        made = [s for s in self.sources if s.kind == "generated"]
+        if len(made) > 1:
+            raise ValueError("data.sources holds more than one {kind: generated}; merge them into one (blocks, ratio)")
+        if len(made) == len(self.sources):
+            raise ValueError(
+                "data.sources holds only generated text: the test and validation splits need text of yours "
+                "(add e.g. {kind: pydoc_topics} or {kind: txt, path: ...})"
+            )
+        if made and self.general.blocks and made[0].seed == self.general.seed:
+            raise ValueError(
+                f"the generated source's seed {made[0].seed} is data.general.seed: healing would train on the "
+                "text the general split judges. Fix: another seed for one of them"
+            )
+        return self
+
+    def generated(self) -> GeneratedText | None:
+        """The ``{kind: generated}`` source, if any."""
+        return next((s for s in self.sources if s.kind == "generated"), None)
 
 
 # --------------------------------------------------------------------------- baseline
@@ -576,7 +635,7 @@ class PruneConfig(Stage):
 class GeneralGateConfig(Stage):
     """The gate's limits on the general split (``data.general``: text the dense model wrote,
     which no stage trains on), checked beside the in-domain ones; skipped when the split is
-    off (``data.general.blocks: 0``).
+    off (``data.general.blocks: 0`` and no ``data.general.sources``).
 
     Example::
 
@@ -909,7 +968,9 @@ class HealConfig(Stage):
     block_length: Annotated[int, Field(ge=2)] | None = 256
     pool_blocks: PositiveInt | None = 256  # healing blocks drawn from (the teacher covers these); null: all
     distill: Annotated[float, Field(ge=0)] = 0.0
-    distill_top_k: Annotated[int, Field(ge=1, le=1024)] = 32
+    # the dense model's top-k predictions, cached once; null: its whole vocabulary, the dense
+    # model run beside the student on every batch (the exact KL; one more forward pass a step)
+    distill_top_k: Annotated[int, Field(ge=1, le=1024)] | None = 32
     # 0 with distill > 0: the model learns the dense model's predictions on the healing text
     # and not the text itself, which keeps what it knew of other text (bench/qat_general.py)
     ce_weight: Annotated[float, Field(ge=0)] = 1.0

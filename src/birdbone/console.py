@@ -147,7 +147,7 @@ def _heal(args: argparse.Namespace, params: dict[str, Any]) -> int:
     from birdbone.core import evaluate, modeling
     from birdbone.core.heal import check_heal, heal_
     from birdbone.core.io import write_json_atomic
-    from birdbone.datasets import ModelDataset, TensorsDataset
+    from birdbone.datasets import SIDECAR, ModelDataset, ModelRef, TensorsDataset
 
     config = HealConfig.model_validate({**params.get("heal", {}), "enabled": True})
     run = RunConfig.model_validate(params.get("run", {}))
@@ -158,9 +158,15 @@ def _heal(args: argparse.Namespace, params: dict[str, Any]) -> int:
     modeling.prepare_runtime(run.model_copy(update={"device": "cpu" if cpu else "cuda"}))
     bundle = ModelDataset(str(args.model)).load()
     check_heal(bundle, config)
-    teacher = TensorsDataset(str(args.teacher)).load() if config.distill > 0 and args.teacher.is_file() else None
+    live = config.distill_top_k is None  # the dense model's whole vocabulary, run beside the student
+    source = args.dense if live else args.teacher
+    teacher = None
+    if config.distill > 0 and live and (args.dense / SIDECAR).is_file():
+        teacher = ModelRef(args.dense).load().model
+    elif config.distill > 0 and not live and args.teacher.is_file():
+        teacher = TensorsDataset(str(args.teacher)).load()
     if config.distill > 0 and teacher is None:
-        log.warning("no teacher logits at %s: healing without distillation", args.teacher)
+        log.warning("no %s at %s: healing without distillation", "dense model" if live else "teacher logits", source)
         config = config.model_copy(update={"distill": 0.0})
     bundle.model.to(device)
     steps = args.steps if args.steps is not None else config.final.steps
@@ -306,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
     cmd.add_argument("--blocks", type=Path, default=Path("data/03_primary/blocks.safetensors"))
     cmd.add_argument("--teacher", type=Path, default=Path("data/04_feature/heal_teacher_topk.safetensors"))
+    cmd.add_argument(
+        "--dense", type=Path, default=Path("models/baseline"), help="the teacher of heal.distill_top_k: null"
+    )
     cmd.add_argument("--steps", type=int, help="optimizer steps (default: heal.final.steps)")
     cmd.add_argument("--lr", type=float, help="peak learning rate (default: heal.final.lr)")
     cmd.add_argument("--overwrite", action="store_true", help="replace --out even if bird-bone did not write it")

@@ -187,6 +187,39 @@ class FigureDataset(AbstractDataset[Any, bytes]):
 
 
 @dataclass
+class ModelRef:
+    """A model directory loaded only when asked (``load``): the dense teacher of a live
+    distillation (``heal.distill_top_k: null``), which other recipes never hold in memory."""
+
+    path: Path
+    dtype: str = "float32"
+
+    def load(self) -> modeling.ModelBundle:
+        return ModelDataset(str(self.path), self.dtype).load()
+
+
+class ModelRefDataset(AbstractDataset[Any, ModelRef]):
+    """A read-only reference to a model directory another dataset writes (``ModelRef``)."""
+
+    def __init__(self, path: str, dtype: str = "float32", metadata: dict[str, Any] | None = None):
+        self._path = Path(path)
+        self._dtype = dtype
+        self.metadata = metadata
+
+    def load(self) -> ModelRef:
+        return ModelRef(self._path, self._dtype)
+
+    def save(self, data: Any) -> None:
+        raise DatasetError(f"{self._path} is referenced read-only here; the stage that writes it saves it")
+
+    def _exists(self) -> bool:
+        return (self._path / SIDECAR).is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._path)}
+
+
+@dataclass
 class WaveHandle:
     """A finished wave directory, read lazily: its id and table at once, the model when
     ``state()`` is called (a resumed run never loads the waves it skips)."""

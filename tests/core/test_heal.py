@@ -59,6 +59,33 @@ def test_distillation_adds_the_kl_to_the_teacher(tiny_bundle):
     assert all(p["loss"] == pytest.approx(p["ce"] + p["kl"], rel=1e-5) for p in report.curve if "loss" in p)
 
 
+def test_live_distillation_learns_the_dense_models_whole_distribution(tiny_bundle):
+    import copy
+
+    data = patterned(16)
+    dense = copy.deepcopy(tiny_bundle.model)
+    full = evaluate.teacher_topk(dense, data, k=dense.config.vocab_size)
+    with torch.no_grad():  # the whole vocabulary as top-k: the coarsened KL is the exact one
+        student = tiny_bundle.model(data, use_cache=False).logits[:, :-1]
+        target = dense(data, use_cache=False).logits[:, :-1]
+    noisy = student + 0.3 * torch.randn(student.shape, generator=torch.Generator().manual_seed(0))
+    exact = evaluate.full_kl(target, noisy)
+    assert torch.allclose(exact, evaluate.topk_kl(full["logprob"], full["index"], noisy), atol=1e-5)
+    assert float(exact.min()) > 0 and torch.allclose(evaluate.full_kl(target, target), 0 * exact, atol=1e-5)
+    masks = pruned(tiny_bundle)
+
+    def kl_to_dense():
+        with torch.no_grad():
+            return float(evaluate.full_kl(target, tiny_bundle.model(data, use_cache=False).logits[:, :-1]).mean())
+
+    before = kl_to_dense()
+    settings = config(steps=20, lr=1e-3, distill=1.0, ce_weight=0.0, distill_top_k=None)
+    report = heal_(tiny_bundle, masks, data, settings, teacher=dense)
+    assert report.merged and all(p["loss"] == pytest.approx(p["kl"], rel=1e-5) for p in report.curve if "loss" in p)
+    assert kl_to_dense() < 0.75 * before and MaskSet.from_weights(weights(tiny_bundle)).equals(masks)
+    assert not any(p.requires_grad for p in dense.parameters())  # the teacher is only read
+
+
 def test_a_learning_rate_that_blows_up_is_stopped_and_undone(tiny_bundle):
     masks = pruned(tiny_bundle)
     before = weights(tiny_bundle)

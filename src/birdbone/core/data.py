@@ -145,6 +145,8 @@ def read_documents(sources: list[Any], root: str | Path = ".") -> list[str]:
     """Reads every source into a list of documents; an empty source is an error."""
     docs: list[str] = []
     for source in sources:
+        if source.kind == "generated":  # token blocks the dense model writes (``mix_generated``), not documents
+            continue
         got = [d for d in _READERS[source.kind](source, Path(root)) if d.strip()]
         if not got:
             name = getattr(source, "path", source.kind)
@@ -217,3 +219,88 @@ def build_blocks(config: Any, tokenizer: Any, root: str | Path = ".") -> tuple[d
         config.block_size,
     )
     return blocks, report
+
+
+def general_text_blocks(config: Any, tokenizer: Any, root: str | Path = ".") -> torch.Tensor:
+    """The first ``config.general.text_blocks`` blocks of the general text the user names
+    (``config.general.sources``), cut like the splits (seeded shuffle, one stream).
+
+    Raises:
+        TextSourceError: the general text shares a document with ``config.sources`` (a stage
+            would train on what judges it), or gives not one block.
+    """
+    general = config.general
+    docs = read_documents(general.sources, root)
+    shared = set(docs) & set(read_documents(config.sources, root))
+    if shared:
+        first = next(iter(shared))
+        raise TextSourceError(
+            f"data.general.sources shares {len(shared)} document(s) with data.sources (e.g. {first[:60]!r}...): "
+            "calibration and healing would train on the text that judges them. Fix: name general text "
+            "that is not among data.sources"
+        )
+    stream = tokenize_documents(docs, tokenizer, config.seed, config.shuffle_documents)
+    count = min(general.text_blocks, stream.numel() // config.block_size)
+    if count == 0:
+        raise TextSourceError(
+            f"data.general.sources give {stream.numel()} tokens, less than one block of {config.block_size}. "
+            "Fix: name more general text, or lower data.block_size"
+        )
+    if count < general.text_blocks:
+        log.warning(
+            "general text: %d blocks of %d, not the %d asked for", count, config.block_size, general.text_blocks
+        )
+    return stream[: count * config.block_size].view(count, config.block_size).clone()
+
+
+def interleave(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The blocks of ``first`` and ``second`` in one run, each kept in its order, spread so
+    that every prefix holds ``second``'s share of the whole (rounded down), as evenly as a
+    line is drawn on a grid."""
+    total = first.shape[0] + second.shape[0]
+    share = second.shape[0] / total if total else 0.0
+    picks = [int((i + 1) * share) > int(i * share) for i in range(total)]
+    out, a, b = [], 0, 0
+    for pick in picks:
+        out.append(second[b] if pick else first[a])
+        b, a = (b + 1, a) if pick else (b, a + 1)
+    return torch.stack(out) if out else first[:0]
+
+
+def mix_generated(
+    blocks: dict[str, torch.Tensor], generated: torch.Tensor, ratio: float
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The calibration and healing splits with ``ratio`` of their blocks from ``generated``
+    (text the dense model wrote), interleaved (``interleave``); test and validation stay
+    the user's text. Calibration keeps its size and takes the first generated blocks; healing
+    takes the rest and as many of the user's healing blocks as the ratio allows (the first
+    ones; the others are left out, counted in the report)."""
+    out = dict(blocks)
+    calibration = blocks["calibration"]
+    take = min(round(ratio * calibration.shape[0]), generated.shape[0])
+    out["calibration"] = interleave(calibration[: calibration.shape[0] - take], generated[:take])
+    rest, healing = generated[take:], blocks["healing"]
+    if ratio >= 1.0:
+        keep, made = 0, rest.shape[0]
+    elif rest.shape[0] / max(rest.shape[0] + healing.shape[0], 1) >= ratio:  # generated to spare
+        keep, made = healing.shape[0], min(rest.shape[0], round(healing.shape[0] * ratio / (1 - ratio)))
+    else:  # user text to spare
+        keep, made = min(healing.shape[0], round(rest.shape[0] * (1 - ratio) / ratio)), rest.shape[0]
+    out["healing"] = interleave(healing[:keep], rest[:made])
+    report = {
+        "ratio": ratio,
+        "blocks": int(generated.shape[0]),
+        "calibration": int(take),
+        "healing": int(made),
+        "unused": int(generated.shape[0] - take - made),
+        "user_healing_left_out": int(healing.shape[0] - keep),
+    }
+    log.info(
+        "generated text: %d of %d calibration blocks, %d of %d healing blocks (%d of the user's left out)",
+        take,
+        calibration.shape[0],
+        made,
+        out["healing"].shape[0],
+        report["user_healing_left_out"],
+    )
+    return out, report

@@ -80,6 +80,13 @@ def topk_kl(teacher_logprob: torch.Tensor, teacher_index: torch.Tensor, student_
     return (p * (teacher_logprob - student)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())
 
 
+def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Per position KL(teacher || student) over the whole vocabulary."""
+    teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student = torch.log_softmax(student_logits.float(), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
 @torch.no_grad()
 def quality(
     model: nn.Module,

@@ -236,7 +236,7 @@ def heal_(
     config: Any,
     steps: int | None = None,
     lr: float | None = None,
-    teacher: dict[str, torch.Tensor] | None = None,
+    teacher: dict[str, torch.Tensor] | nn.Module | None = None,
     validation: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     desc: str = "heal",
@@ -254,7 +254,9 @@ def heal_(
             config's ``steps`` and ``lr``; waves pass their tapered values).
         blocks: the healing split; the first ``config.pool_blocks`` are used.
         teacher: the dense model's ``evaluate.teacher_topk`` on those blocks cropped to
-            ``config.block_length`` (``healing_view``), for distillation (``config.distill > 0``).
+            ``config.block_length`` (``healing_view``), for distillation (``config.distill > 0``);
+            or the dense model itself, run on each batch for the KL over the whole vocabulary
+            (``evaluate.full_kl``: one more forward pass a step, no cache).
         validation: blocks the healing curve is measured on every ``config.eval_every``
             steps (the model with its adapters, before the merge).
         seconds: a wall-time budget instead of a step count: after two steps the step
@@ -292,9 +294,17 @@ def heal_(
     if config.distill > 0 and teacher is None:
         raise HealError("heal.distill > 0 needs the dense teacher's logits on the healing blocks")
     length = config.block_length
-    if teacher is not None and tuple(teacher["index"].shape[:2]) != (
-        blocks.shape[0],
-        (min(length, blocks.shape[1]) if length else blocks.shape[1]) - 1,
+    live = isinstance(teacher, nn.Module)
+    if live:
+        teacher.to(device).eval().requires_grad_(False)
+    if (
+        teacher is not None
+        and not live
+        and tuple(teacher["index"].shape[:2])
+        != (
+            blocks.shape[0],
+            (min(length, blocks.shape[1]) if length else blocks.shape[1]) - 1,
+        )
     ):
         raise HealError("the teacher logits were cached for other healing blocks. Fix: rerun the teacher cache")
     start = time.perf_counter()
@@ -345,7 +355,12 @@ def heal_(
             ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
             loss = config.ce_weight * ce
             kl = None
-            if config.distill > 0 and teacher is not None:
+            if config.distill > 0 and live:
+                with torch.no_grad(), autocast:
+                    target = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
+                kl = evaluate.full_kl(target, logits).mean()
+                loss = loss + config.distill * kl
+            elif config.distill > 0 and teacher is not None:
                 logprob, top = (teacher[key][index].to(device) for key in ("logprob", "index"))
                 kl = evaluate.topk_kl(logprob, top, logits).mean()
                 loss = loss + config.distill * kl

@@ -631,11 +631,12 @@ def prepare_runtime(run: Any) -> torch.device:
     return resolve_device(run.device)
 
 
-def forward_cached(model: nn.Module, ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
-    """One forward pass with the KV cache; returns (logits, cache).
+def forward_cached(model: nn.Module, ids: torch.Tensor, cache: Any = None, **extra: Any) -> tuple[torch.Tensor, Any]:
+    """One forward pass with the KV cache; returns (logits, cache). ``extra`` goes to the
+    model (``attention_mask`` over the cache and these ids, ``position_ids``: left padding).
 
     transformers renamed ``past_key_values`` to ``cache`` (5.x); this works with both.
     """
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(ids, use_cache=True, **({name: cache} if cache is not None else {}))
+    out = model(ids, use_cache=True, **({name: cache} if cache is not None else {}), **extra)
     return out.logits, (out["cache"] if "cache" in out else out.past_key_values)  # noqa: SIM401 (lazy on purpose)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,14 +12,24 @@ from matplotlib.figure import Figure
 
 from birdbone.config import BaselineConfig, DataConfig, ModelConfig, RunConfig, validate_recipe
 from birdbone.core import data, evaluate, generate, modeling, plots, spectra, speed, tasks
+from birdbone.core.io import sha256_json
+from birdbone.datasets import SIDECAR
 from birdbone.pipelines import runtime
 
 
-def build_blocks(model: dict[str, Any], text: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tokenizes the text into split blocks with the model's tokenizer only, so bad text
-    fails before any weights are read."""
+def build_blocks(
+    model: dict[str, Any], text: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor]:
+    """Tokenizes the text into split blocks, and the general text the user names into its
+    blocks (empty without), with the model's tokenizer only, so bad text fails before any
+    weights are read."""
     tokenizer = modeling.load_tokenizer(ModelConfig.model_validate(model).source)
-    return data.build_blocks(DataConfig.model_validate(text), tokenizer, Path.cwd())
+    config = DataConfig.model_validate(text)
+    blocks, report = data.build_blocks(config, tokenizer, Path.cwd())
+    named = data.general_text_blocks(config, tokenizer, Path.cwd()) if config.general.sources else torch.zeros(0, 0)
+    if named.numel():
+        report = {**report, "general_text_blocks": int(named.shape[0])}
+    return blocks, report, named
 
 
 def import_model(model: dict[str, Any], run: dict[str, Any], blocks: dict[str, torch.Tensor]) -> modeling.ModelBundle:
@@ -30,33 +41,82 @@ def import_model(model: dict[str, Any], run: dict[str, Any], blocks: dict[str, t
     return bundle
 
 
+def add_generated(
+    bundle: modeling.ModelBundle,
+    blocks: dict[str, torch.Tensor],
+    text_report: dict[str, Any],
+    text: dict[str, Any],
+    run: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The splits with the ``{kind: generated}`` source's text mixed into calibration and
+    healing (``data.mix_generated``), written by the dense model or read from its cache; the
+    splits as they are without one."""
+    config = DataConfig.model_validate(text)
+    source = config.generated()
+    if source is None:
+        return blocks, text_report
+    device = runtime(run)
+    sidecar = Path(bundle.path) / SIDECAR if bundle.path else None
+    digest = (
+        sha256_json(json.loads(sidecar.read_text()).get("sha256"))
+        if sidecar is not None and sidecar.is_file()
+        else generate.model_digest(bundle.model)
+    )
+    made, cache = generate.generated_text(
+        bundle.model.to(device), bundle.tokenizer, source, config.block_size, digest, device
+    )
+    mixed, mix = data.mix_generated(blocks, made, source.ratio)
+    report = {
+        **text_report,
+        "blocks": {name: int(t.shape[0]) for name, t in mixed.items()},
+        "generated": {**mix, **cache},
+    }
+    return mixed, report
+
+
 GENERAL_TOPK = 32  # the dense model's predictions kept per position of the general split
 
 
 def generate_general(
-    bundle: modeling.ModelBundle, text: dict[str, Any], baseline: dict[str, Any], run: dict[str, Any]
+    bundle: modeling.ModelBundle,
+    named: torch.Tensor,
+    text: dict[str, Any],
+    baseline: dict[str, Any],
+    run: dict[str, Any],
 ) -> dict[str, torch.Tensor]:
-    """The general split: blocks the dense model writes itself (``core.generate``), and its
-    own top-k predictions on them, which every later stage is compared with. Empty when
-    ``data.general.blocks`` is 0."""
+    """The general split: blocks the dense model writes itself (``core.generate``), then the
+    blocks of any general text the user names (``named_blocks`` of them), and the dense
+    model's own top-k predictions on all, which every later stage is compared with. Empty
+    when ``data.general`` is off."""
     config = DataConfig.model_validate(text)
     general = config.general
-    if general.blocks == 0:
+    if not general.enabled:
         return {}
     device = runtime(run)
     model = bundle.model.to(device)
-    blocks = generate.sample_blocks(
-        model,
-        bundle.tokenizer,
-        general.blocks,
-        config.block_size,
-        general.seed,
-        general.temperature,
-        general.batch_size,
-        device,
-    )
+    parts = []
+    if general.blocks:
+        parts.append(
+            generate.sample_blocks(
+                model,
+                bundle.tokenizer,
+                general.blocks,
+                config.block_size,
+                general.seed,
+                general.temperature,
+                general.batch_size,
+                device,
+            )
+        )
+    if named.numel():  # the general text the user names (``build_blocks``)
+        parts.append(named)
+    blocks = torch.cat(parts)
     batch = BaselineConfig.model_validate(baseline).batch_size
-    return {"blocks": blocks, **evaluate.teacher_topk(model, blocks, GENERAL_TOPK, batch, device, with_nll=True)}
+    return {
+        "blocks": blocks,
+        "named_blocks": torch.tensor(named.shape[0]),
+        **evaluate.teacher_topk(model, blocks, GENERAL_TOPK, batch, device, with_nll=True),
+    }
 
 
 def measure_quality(
@@ -146,6 +206,11 @@ def report_baseline(
     }
     for name, scores in task_scores.items():
         metrics.update({f"baseline.task.{name}.{k}": float(v) for k, v in scores.items() if isinstance(v, int | float)})
+    made = text_report.get("generated")
+    if made:  # the {kind: generated} source: how much of calibration and healing it is, and its cost
+        metrics.update(
+            {f"baseline.generated.{k}": float(made[k]) for k in ("blocks", "calibration", "healing", "seconds")}
+        )
     return report, plots.baseline_figure(report), metrics
 
 
@@ -164,6 +229,7 @@ def summarize(parameters: dict[str, Any], report: dict[str, Any]) -> dict[str, A
             "tokens_per_s": report["speed"]["decode_tokens_per_s"],
             "prefill_tokens_per_s": report["speed"]["prefill_tokens_per_s"],
             "tasks": report["tasks"],
+            **({"generated": report["text"]["generated"]} if report["text"].get("generated") else {}),
         },
     }
 

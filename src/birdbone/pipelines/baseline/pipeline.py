@@ -8,11 +8,24 @@ from . import nodes
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
-            Node(nodes.build_blocks, ["params:model", "params:data"], ["blocks", "text_report"], name="build_blocks"),
-            Node(nodes.import_model, ["params:model", "params:run", "blocks"], "baseline_model", name="import_model"),
+            Node(
+                nodes.build_blocks,
+                ["params:model", "params:data"],
+                ["user_blocks", "user_text_report", "general_text"],
+                name="build_blocks",
+            ),
+            Node(
+                nodes.import_model, ["params:model", "params:run", "user_blocks"], "baseline_model", name="import_model"
+            ),
+            Node(
+                nodes.add_generated,
+                ["baseline_model", "user_blocks", "user_text_report", "params:data", "params:run"],
+                ["blocks", "text_report"],
+                name="add_generated",
+            ),
             Node(
                 nodes.generate_general,
-                ["baseline_model", "params:data", "params:baseline", "params:run"],
+                ["baseline_model", "general_text", "params:data", "params:baseline", "params:run"],
                 "general",
                 name="generate_general",
             ),

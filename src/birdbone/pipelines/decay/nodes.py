@@ -23,7 +23,7 @@ from birdbone.core.heal import check_heal
 from birdbone.core.io import sha256_json
 from birdbone.core.prune.structured import compact_
 from birdbone.core.quantize import check_quantize
-from birdbone.datasets import SIDECAR, WaveHandle
+from birdbone.datasets import SIDECAR, ModelRef, WaveHandle
 from birdbone.pipelines import runtime
 from birdbone.pipelines.heal.nodes import heal_series, heal_teacher_for
 
@@ -154,6 +154,7 @@ def recover_wave(
     blocks: dict[str, torch.Tensor],
     teacher: dict[str, torch.Tensor],
     heal_teacher: dict[str, torch.Tensor],
+    dense: ModelRef,
     general: dict[str, torch.Tensor],
     decay: dict[str, Any],
     heal: dict[str, Any],
@@ -172,7 +173,7 @@ def recover_wave(
         heal_config,
         len(config.wave_targets()),
         blocks["healing"],
-        heal_teacher_for(heal_config, heal_teacher),
+        heal_teacher_for(heal_config, heal_teacher, dense),
         blocks["validation"],
         teacher,
         runtime(run),

@@ -9,7 +9,7 @@ from birdbone.pipelines.heal import nodes as heal_nodes
 
 from . import nodes
 
-SHARED = {"blocks", "teacher", "heal_teacher", "general", "profile_tensors"}
+SHARED = {"blocks", "teacher", "heal_teacher", "dense_ref", "general", "profile_tensors"}
 PARAMS = {"params:decay", "params:heal", "params:regrow", "params:run"}
 
 
@@ -33,7 +33,7 @@ def wave_template() -> Pipeline:
             ),
             Node(
                 heal_nodes.heal_wave,
-                ["live_decayed", "blocks", "heal_teacher", "params:heal", "params:decay", "params:run"],
+                ["live_decayed", "blocks", "heal_teacher", "dense_ref", "params:heal", "params:decay", "params:run"],
                 "live_healed",
                 name="heal",
             ),
@@ -56,6 +56,7 @@ def wave_template() -> Pipeline:
                     "blocks",
                     "teacher",
                     "heal_teacher",
+                    "dense_ref",
                     "general",
                     "params:decay",
                     "params:heal",
@@ -89,7 +90,7 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
             return Pipeline([])
         heal = Node(
             heal_nodes.heal_dense,
-            ["baseline_model", "baseline_quality", "blocks", "heal_teacher", "general", "parameters"],
+            ["baseline_model", "baseline_quality", "blocks", "heal_teacher", "dense_ref", "general", "parameters"],
             ["healed_model", "heal_report", "heal_plot", "heal_summary", "heal_metrics"],
             name="heal_final",
         )
@@ -152,7 +153,7 @@ def create_pipeline(waves: int = 0, final_heal: bool = False, **kwargs) -> Pipel
     if final_heal:
         heal = Node(
             heal_nodes.heal_final,
-            ["decayed_model", "last_wave", "blocks", "heal_teacher", "general", "parameters"],
+            ["decayed_model", "last_wave", "blocks", "heal_teacher", "dense_ref", "general", "parameters"],
             ["healed_model", "heal_report", "heal_plot", "heal_summary", "heal_metrics"],
             name="heal_final",
         )

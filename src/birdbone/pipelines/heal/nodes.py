@@ -13,7 +13,8 @@ from birdbone.config import DecayConfig, HealConfig, validate_recipe
 from birdbone.core import evaluate, modeling, plots, waves
 from birdbone.core.heal import HealReport, heal_, healing_view
 from birdbone.core.quantize import QuantTable, keeps_source
-from birdbone.datasets import WaveHandle
+from birdbone.datasets import ModelRef, WaveHandle
+from birdbone.errors import HealError
 from birdbone.pipelines import runtime
 from birdbone.pipelines.quantize.nodes import plan
 
@@ -32,17 +33,27 @@ def heal_series(prefix: str, heal: dict[str, Any] | None) -> dict[str, list[tupl
     return out
 
 
-def heal_teacher_for(config: HealConfig, heal_teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    return heal_teacher if config.distill > 0 and heal_teacher else None
+def heal_teacher_for(
+    config: HealConfig, heal_teacher: dict[str, torch.Tensor], dense: ModelRef | None
+) -> dict[str, torch.Tensor] | torch.nn.Module | None:
+    """What healing distills from: the cached top-k (``cache_heal_teacher``), or with
+    ``heal.distill_top_k: null`` the dense model itself (loaded here, run on every batch)."""
+    if config.distill <= 0:
+        return None
+    if config.distill_top_k is None:
+        if dense is None:
+            raise HealError("heal.distill_top_k: null distills from the dense model, and none was given")
+        return dense.load().model
+    return heal_teacher or None
 
 
 def cache_heal_teacher(
     bundle: modeling.ModelBundle, blocks: dict[str, torch.Tensor], heal: dict[str, Any], run: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
     """The dense model's top-k log-probabilities on the healing blocks (as healing crops
-    them), for distillation; empty when distillation is off."""
+    them), for distillation; empty when distillation is off or live (the whole vocabulary)."""
     config = HealConfig.model_validate(heal)
-    if not config.enabled or config.distill <= 0:
+    if not config.enabled or config.distill <= 0 or config.distill_top_k is None:
         return {}
     device = runtime(run)
     healing = healing_view(blocks["healing"], config)
@@ -53,6 +64,7 @@ def heal_wave(
     state: waves.WaveState | WaveHandle,
     blocks: dict[str, torch.Tensor],
     heal_teacher: dict[str, torch.Tensor],
+    dense: ModelRef,
     heal: dict[str, Any],
     decay: dict[str, Any],
     run: dict[str, Any],
@@ -64,7 +76,7 @@ def heal_wave(
     total = len(DecayConfig.model_validate(decay).wave_targets())
     validation = blocks["validation"]
     return waves.heal(
-        state, config, total, blocks["healing"], heal_teacher_for(config, heal_teacher), validation, runtime(run)
+        state, config, total, blocks["healing"], heal_teacher_for(config, heal_teacher, dense), validation, runtime(run)
     )
 
 
@@ -73,6 +85,7 @@ def heal_dense(
     quality: dict[str, Any],
     blocks: dict[str, torch.Tensor],
     heal_teacher: dict[str, torch.Tensor],
+    dense: ModelRef,
     general: dict[str, torch.Tensor],
     parameters: dict[str, Any],
 ) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
@@ -81,7 +94,7 @@ def heal_dense(
     Its before-figures are the baseline's (``baseline_quality``), measured once."""
     key = evaluate.quality_key(blocks, general or None)
     baseline.origin = {**baseline.origin, "quality": {"key": key, "figures": evaluate.baseline_figures(quality)}}
-    return heal_final(baseline, None, blocks, heal_teacher, general, parameters)
+    return heal_final(baseline, None, blocks, heal_teacher, dense, general, parameters)
 
 
 def heal_final(
@@ -89,6 +102,7 @@ def heal_final(
     last: WaveHandle | None,
     blocks: dict[str, torch.Tensor],
     heal_teacher: dict[str, torch.Tensor],
+    dense: ModelRef,
     general: dict[str, torch.Tensor],
     parameters: dict[str, Any],
 ) -> tuple[modeling.ModelBundle, dict[str, Any], Figure, dict[str, Any], dict[str, Any]]:
@@ -130,7 +144,7 @@ def heal_final(
             config,
             config.final.steps,
             config.final.lr,
-            heal_teacher_for(config, heal_teacher),
+            heal_teacher_for(config, heal_teacher, dense),
             blocks["validation"],
             device,
             desc="final heal (fake-quant)" if grids is not None else "final heal",
