@@ -15,7 +15,7 @@ from kedro.io import AbstractDataset, DatasetError
 from safetensors.torch import load_file, save_file
 
 from birdbone import runstate
-from birdbone.core import modeling, waves
+from birdbone.core import generate, modeling, waves
 from birdbone.core.io import (
     OWNER_FILE,
     OWNER_MARK,
@@ -23,6 +23,7 @@ from birdbone.core.io import (
     atomic_dir,
     atomic_path,
     sha256_file,
+    sha256_json,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -38,6 +39,16 @@ def write_sidecar(directory: Path, origin: dict[str, Any]) -> None:
     """``birdbone.json``: how the model was made, and the SHA-256 of each weight file."""
     hashes = {p.name: sha256_file(p) for p in sorted(directory.glob("model*.safetensors"))}
     write_json_atomic(directory / SIDECAR, {"origin": origin, "sha256": hashes, **OWNER_MARK})
+
+
+def weights_digest(bundle: modeling.ModelBundle) -> str:
+    """What names a model's weights: the hash of its sidecar's file hashes where it was read
+    from a folder bird-bone wrote (no second pass over the weights), else the hash of the
+    weights themselves (``generate.model_digest``)."""
+    sidecar = Path(bundle.path) / SIDECAR if bundle.path else None
+    if sidecar is not None and sidecar.is_file():
+        return sha256_json(json.loads(sidecar.read_text()).get("sha256"))
+    return generate.model_digest(bundle.model)
 
 
 class ModelDataset(AbstractDataset[modeling.ModelBundle, modeling.ModelBundle]):

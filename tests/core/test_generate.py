@@ -113,3 +113,21 @@ def test_prompts_longer_than_half_a_block_are_refused_with_the_fix(tiny_bundle):
     assert all(len(p) <= 32 for p in chat_prompts(tokenizer, ["a short one", "another"], 32))
     with pytest.raises(TextSourceError, match=r"prompt 2 .* at most 8 \(half a block.*Fix: shorten it"):
         chat_prompts(tokenizer, ["hi", "a prompt far longer than eight tokens of this tokenizer"], 8)
+
+
+def test_a_saved_model_is_named_by_its_sidecar_and_one_in_memory_by_its_weights(tiny_bundle, tmp_path):
+    import json
+
+    from birdbone.core.generate import model_digest
+    from birdbone.core.io import sha256_json
+    from birdbone.datasets import SIDECAR, ModelDataset, weights_digest
+
+    assert weights_digest(tiny_bundle) == model_digest(tiny_bundle.model)  # no folder: the weights themselves
+    ModelDataset(str(tmp_path / "m")).save(tiny_bundle)
+    loaded = ModelDataset(str(tmp_path / "m")).load()
+    hashes = json.loads((tmp_path / "m" / SIDECAR).read_text())["sha256"]
+    assert hashes and weights_digest(loaded) == sha256_json(hashes)  # no second pass over the weights
+    with torch.no_grad():
+        tiny_bundle.model.lm_head.weight[0, 0] += 1.0
+    tiny_bundle.path = None
+    assert weights_digest(tiny_bundle) != model_digest(loaded.model)

@@ -198,9 +198,12 @@ def split_blocks(stream: torch.Tensor, block_size: int, splits: Any) -> dict[str
     return out
 
 
-def build_blocks(config: Any, tokenizer: Any, root: str | Path = ".") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Text sources of a ``DataConfig`` -> token blocks per split, and a report."""
-    docs = read_documents(config.sources, root)
+def build_blocks(
+    config: Any, tokenizer: Any, root: str | Path = ".", docs: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Text sources of a ``DataConfig`` -> token blocks per split, and a report. ``docs``:
+    the sources' documents where the caller has read them already (``read_documents``)."""
+    docs = read_documents(config.sources, root) if docs is None else docs
     stream = tokenize_documents(docs, tokenizer, config.seed, config.shuffle_documents)
     blocks = split_blocks(stream, config.block_size, config.splits)
     report = {
@@ -221,9 +224,12 @@ def build_blocks(config: Any, tokenizer: Any, root: str | Path = ".") -> tuple[d
     return blocks, report
 
 
-def general_text_blocks(config: Any, tokenizer: Any, root: str | Path = ".") -> torch.Tensor:
+def general_text_blocks(
+    config: Any, tokenizer: Any, root: str | Path = ".", user_docs: list[str] | None = None
+) -> torch.Tensor:
     """The first ``config.general.text_blocks`` blocks of the general text the user names
     (``config.general.sources``), cut like the splits (seeded shuffle, one stream).
+    ``user_docs``: the documents of ``config.sources`` where the caller has read them already.
 
     Raises:
         TextSourceError: the general text shares a document with ``config.sources`` (a stage
@@ -231,7 +237,7 @@ def general_text_blocks(config: Any, tokenizer: Any, root: str | Path = ".") -> 
     """
     general = config.general
     docs = read_documents(general.sources, root)
-    shared = set(docs) & set(read_documents(config.sources, root))
+    shared = set(docs) & set(read_documents(config.sources, root) if user_docs is None else user_docs)
     if shared:
         first = next(iter(shared))
         raise TextSourceError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,7 @@ from matplotlib.figure import Figure
 
 from birdbone.config import BaselineConfig, DataConfig, ModelConfig, RunConfig, validate_recipe
 from birdbone.core import data, evaluate, generate, modeling, plots, spectra, speed, tasks
-from birdbone.core.io import sha256_json
-from birdbone.datasets import SIDECAR
+from birdbone.datasets import weights_digest
 from birdbone.pipelines import runtime
 
 
@@ -25,8 +23,13 @@ def build_blocks(
     weights are read."""
     tokenizer = modeling.load_tokenizer(ModelConfig.model_validate(model).source)
     config = DataConfig.model_validate(text)
-    blocks, report = data.build_blocks(config, tokenizer, Path.cwd())
-    named = data.general_text_blocks(config, tokenizer, Path.cwd()) if config.general.sources else torch.zeros(0, 0)
+    docs = data.read_documents(config.sources, Path.cwd())
+    blocks, report = data.build_blocks(config, tokenizer, docs=docs)
+    named = (
+        data.general_text_blocks(config, tokenizer, Path.cwd(), user_docs=docs)
+        if config.general.sources
+        else torch.zeros(0, 0)
+    )
     if named.numel():
         report = {**report, "general_text_blocks": int(named.shape[0])}
     return blocks, report, named
@@ -56,14 +59,8 @@ def add_generated(
     if source is None:
         return blocks, text_report
     device = runtime(run)
-    sidecar = Path(bundle.path) / SIDECAR if bundle.path else None
-    digest = (
-        sha256_json(json.loads(sidecar.read_text()).get("sha256"))
-        if sidecar is not None and sidecar.is_file()
-        else generate.model_digest(bundle.model)
-    )
     made, cache = generate.generated_text(
-        bundle.model.to(device), bundle.tokenizer, source, config.block_size, digest, device
+        bundle.model.to(device), bundle.tokenizer, source, config.block_size, weights_digest(bundle), device
     )
     mixed, mix = data.mix_generated(blocks, made, source.ratio)
     report = {

@@ -23,7 +23,7 @@ from birdbone.core.heal import check_heal
 from birdbone.core.io import sha256_json
 from birdbone.core.prune.structured import compact_
 from birdbone.core.quantize import check_quantize
-from birdbone.datasets import SIDECAR, ModelRef, WaveHandle
+from birdbone.datasets import ModelRef, WaveHandle, weights_digest
 from birdbone.pipelines import runtime
 from birdbone.pipelines.heal.nodes import heal_series, heal_teacher_for
 
@@ -67,10 +67,9 @@ def start_decay(
 ) -> waves.WaveState | WaveHandle:
     """Wave 0: the dense model, with the gate's reference at its validation perplexity.
     Healing and quantization settings that cannot fit the model fail here, before any wave."""
-    sidecar = json.loads((Path(bundle.path) / SIDECAR).read_text()) if bundle.path else {}
     origin = sha256_json(
         {
-            "model": sidecar.get("sha256"),
+            "model": weights_digest(bundle),
             "blocks": {k: hashlib.sha256(v.numpy().tobytes()).hexdigest() for k, v in sorted(blocks.items())},
             "decay": _decay_hash(decay, heal, regrow),
         }
