@@ -205,6 +205,36 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+README_ROWS = {
+    "dense_f16": "the dense model, F16",
+    "default": "bird-bone, `kedro run`",
+    "structured": "bird-bone, `kedro run --env structured`",
+    "q4_k_m": "llama.cpp's Q4_K_M of dense",
+    "q4_0": "llama.cpp's Q4_0 of dense",
+}
+
+
+def readme_table(rows: list[dict[str, Any]]) -> str:
+    """The README's result table (tests/test_docs.py checks it against this JSON)."""
+    by_name = {r["name"]: r for r in rows}
+    dense = by_name["dense_f16"]["ppl_general"]
+    lines = [
+        "| row | what | MB | decode x F16 | in-domain ppl | general ppl |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, what in README_ROWS.items():
+        if name not in by_name:
+            continue
+        r = by_name[name]
+        rise = "" if name == "dense_f16" else f" ({100 * (r['ppl_general'] / dense - 1):+.1f} %)"
+        bold = "**" if r.get("default") else ""
+        lines.append(
+            f"| {bold}{name}{bold} | {what} | {r['mb']:.1f} | {bold}{r['decode_x']:.2f}{bold} | "
+            f"{r['ppl_in_domain']:.3f} | {bold}{r['ppl_general']:.3f}{rise}{bold} |"
+        )
+    return "\n".join(lines)
+
+
 def check(rows: list[dict[str, Any]]) -> int:
     """Prints each target as met or missed; 0 when all are met."""
     dense = rows[0]
@@ -272,11 +302,14 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=32, help="test and general blocks measured (the first N)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/frontier.json"))
     parser.add_argument("--plot-only", action="store_true", help="redraw the PNG (and print the table) from --out")
+    parser.add_argument("--readme", action="store_true", help="with --plot-only: print the README's table too")
     parser.add_argument("--run-only", action="store_true", help="run the recipes' kedro runs, measure nothing")
     args = parser.parse_args()
     if args.plot_only:
         report = json.loads(args.out.read_text())
         print(table(report["rows"]))
+        if args.readme:
+            print("\nThe README's table:\n\n" + readme_table(report["rows"]))
         write_bytes_atomic(args.out.with_suffix(".png"), figure_png(report))
         return check(report["rows"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -216,6 +216,17 @@ def params(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_docs(args: argparse.Namespace) -> int:
+    from birdbone.confdoc import reference
+    from birdbone.config import validate_recipe
+    from birdbone.core.io import write_bytes_atomic
+
+    conf = args.conf
+    recipe = validate_recipe(_parameters(conf, "base"), Path.cwd(), [conf / "base"])
+    write_bytes_atomic(args.out, reference(conf, recipe).encode())
+    return 0
+
+
 def bump(args: argparse.Namespace) -> int:
     from birdbone.core import diffs
 
@@ -331,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd.add_argument(
         "--push", action=argparse.BooleanOptionalAction, default=True, help="dvc push to the default remote"
     )
+    cmd = sub.add_parser("config-docs", help="write the configuration reference (every key) from the Pydantic classes")
+    cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
+    cmd.add_argument("--out", type=Path, default=Path("docs/configuration.md"))
     sub.add_parser("check-weights", help="refuse weights that differ from birdbone.json's hashes or dvc.lock")
     sub.add_parser("report", help="the last run: baseline vs each wave vs final, as a table and a plot")
     cmd = sub.add_parser("pack", help="store a model directory compactly, lossless (per-tensor strategies)")
@@ -352,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "heal": heal,
         "params": params,
+        "config-docs": config_docs,
         "bump": bump,
         "check-weights": check_weights,
         "report": report,
