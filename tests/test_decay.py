@@ -39,7 +39,15 @@ def test_waves_write_models_masks_table_plot_and_mlflow_steps(project):
 
     history = mlflow.tracking.MlflowClient().get_metric_history(runs["run_id"][0], "wave.ppl")
     assert sorted(m.step for m in history) == list(range(1, 8))
-    assert runs["tags.wave.1.decision"][0].startswith(rows[1]["decision"])
+    waves = mlflow_runs(project, children_of=runs["run_id"][0])  # a nested run per wave, in order
+    assert list(waves["tags.mlflow.runName"]) == [f"wave {k:02d}" for k in range(1, 8)]
+    assert list(waves["tags.decision"]) == [r["decision"] for r in rows[1:]]
+    assert list(waves["tags.reason"]) == [r["reason"] for r in rows[1:]]
+    assert list(waves["metrics.wave.ppl"]) == pytest.approx([r["ppl"] for r in rows[1:]])
+    assert set(waves["status"]) == {"FINISHED"}
+    first_heal = mlflow.tracking.MlflowClient().get_metric_history(waves["run_id"][0], "heal.loss")
+    assert sorted(m.step for m in first_heal) == [1, 2, 3, 4]  # wave 1's healing curve, by step
+    assert not [k for k in runs.columns if k.startswith("tags.wave.")]  # no flat per-wave tags on the run
     assert runs["metrics.final.ppl_test"][0] == pytest.approx(summary["final"]["ppl_test"])
     # healing: in every wave that pruned (tapered steps), and once more at the end, masks kept
     healed_rows = [r for r in rows if r.get("heal")]

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,17 @@ def run(project: Path, **extra_params):
         session.run()
 
 
-def mlflow_runs(project: Path):
+def mlflow_runs(project: Path, children_of: str | None = None):
+    """The project's ``kedro run`` runs (top level), or the nested runs of one of them."""
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["birdbone"])
+    runs = mlflow.search_runs(experiment_names=["birdbone"], order_by=["attributes.run_name ASC"])
+    parents = runs.get("tags.mlflow.parentRunId")
+    if parents is None:
+        return runs if children_of is None else runs.iloc[0:0]
+    chosen = parents.isna() if children_of is None else parents == children_of
+    return runs[chosen].reset_index(drop=True)
 
 
 def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
@@ -91,6 +98,19 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert set(memory) == {"baseline", "profile", "decay", "heal", "quantize", "export"}
     assert all(100 < m["peak_rss_mb"] < 24 * 1024 and m["per_stage"] for m in memory.values())
     assert runs["metrics.memory.heal.peak_rss_mb"][0] == pytest.approx(memory["heal"]["peak_rss_mb"])
+    # the run as MLflow users expect it: named by what ran, a model-development experiment,
+    # the text as dataset inputs, the reports and the exported model as artifacts
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    assert runs["tags.mlflow.runName"][0] == "all stages (test)"
+    assert client.get_experiment_by_name("birdbone").tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = client.get_run(runs["run_id"][0]).inputs.dataset_inputs
+    assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [("pydoc_topics", "text")]
+    artifacts = {a.path for a in client.list_artifacts(runs["run_id"][0])}
+    assert {"summary.json", "decay.json", "export.json", "timeline.png", "model"} <= artifacts
+    model = {a.path for a in client.list_artifacts(runs["run_id"][0], "model")}
+    assert model == {"model/model.gguf", "model/hf"}
 
 
 def test_the_quantized_model_keeps_the_masks_and_every_weight_is_on_its_grid(project):
@@ -165,7 +185,16 @@ def test_mixed_precision_keeps_the_grids_the_fake_quant_heal_trained_against(pro
 def test_same_recipe_same_numbers(project):
     run(project)
     first = json.loads((project / "data/08_reporting/summary.json").read_text())
+    started = time.time()
     run(project)
+    # MLflow gets what the second run wrote, not the reports the first one left
+    import mlflow
+
+    second_run = mlflow_runs(project).sort_values("start_time")["run_id"].iloc[-1]
+    logged = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(second_run)}
+    written = {p.name for p in (project / "data/08_reporting").glob("*") if p.stat().st_mtime >= started - 1}
+    assert logged - {"model"} == {n for n in written if n.endswith((".json", ".png"))}
+    assert "model" not in logged or (project / "models/export/model.gguf").stat().st_mtime >= started - 1
     second = json.loads((project / "data/08_reporting/summary.json").read_text())
     assert first["recipe_hash"] == second["recipe_hash"]
     assert first["baseline"]["ppl_test"] == second["baseline"]["ppl_test"]

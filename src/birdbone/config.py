@@ -1252,11 +1252,13 @@ class TrackingConfig(Stage):
           enabled: true
           uri: sqlite:///mlflow.db     # relative paths are under the project root
           experiment: birdbone
+          log_model: true              # the exported GGUF and hf/ as the run's model artifact
     """
 
     enabled: bool = True
     uri: Annotated[str, Field(min_length=1)] = "sqlite:///mlflow.db"
     experiment: Annotated[str, Field(min_length=1)] = "birdbone"
+    log_model: bool = True  # the exported GGUF and hf/ as the run's artifacts under model/
 
 
 # --------------------------------------------------------------------------- recipe

@@ -269,6 +269,71 @@ class MemoryHook:
                 write_bytes_atomic(root / REPORTS / "timeline.png", png_bytes(timeline_figure(timeline)))
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+
+
+def run_name(run_params: dict[str, Any]) -> str:
+    """The pipelines a ``kedro run`` ran (Kedro 1.x: ``pipeline_names``; 0.19: ``pipeline_name``)."""
+    names = run_params.get("pipeline_names") or [run_params.get("pipeline_name")]
+    names = [n for n in names if n and n != "__default__"]
+    return "+".join(names) if names else "all stages"
+
+
+def numbers_of(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a (nested) metrics dict, flattened to dotted keys; booleans left out."""
+    return {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """MLflow's source tags of the project's git checkout (commit, branch), if it is one."""
+    import subprocess
+
+    tags = {}
+    for tag, args in (
+        ("mlflow.source.git.commit", ["rev-parse", "HEAD"]),
+        ("mlflow.source.git.branch", ["branch", "--show-current"]),
+    ):
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return tags
+        if out.returncode == 0 and out.stdout.strip():
+            tags[tag] = out.stdout.strip()
+    return tags
+
+
+def text_datasets(recipe: Recipe, root: Path) -> list[tuple[Any, str]]:
+    """The recipe's text sources as MLflow dataset inputs (metadata only: where, what, a
+    digest of the source's settings and each file's size and mtime), with their context."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from birdbone.core.io import sha256_json
+
+    out = []
+    for sources, context in ((recipe.data.sources, "text"), (recipe.data.general.sources, "general")):
+        for source in sources:
+            spec = source.model_dump(mode="json")
+            path = getattr(source, "path", None)
+            if path is not None:
+                full = Path(path) if Path(path).is_absolute() else root / path
+                files = sorted(full.rglob("*")) if full.is_dir() else [full]
+                stats = [
+                    (str(f.relative_to(full)) if full.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                    for f in files
+                    if f.is_file() and not f.is_symlink()
+                ]
+                origin = resolve_dataset_source(str(full))
+                name = f"{source.kind}:{path}"
+            else:
+                stats, origin, name = [], CodeDatasetSource({k: str(v) for k, v in spec.items()}), source.kind
+            digest = sha256_json({"spec": spec, "files": stats})[:16]
+            out.append((MetaDataset(origin, name=name, digest=digest), context))
+    return out
+
+
 def timeline_summary(nodes: list[dict[str, Any]], overhead: float = 0.0) -> dict[str, Any]:
     """A timeline of ``nodes`` (run one at a time, as Kedro's sequential runner does): by
     node name, in the order they ran, its stage, start (the seconds of the nodes before it)
@@ -306,6 +371,7 @@ class TrackingHook:
         self._config = TrackingConfig()
         self._env = ""
         self._broken = False
+        self._started = time.time()
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -352,37 +418,67 @@ class TrackingHook:
             return
         self._mlflow = mlflow
         self._broken = False
+        self._started = time.time()
         self._call("set the tracking store", mlflow.set_tracking_uri, self.tracking_uri())
-        self._call("set the experiment", mlflow.set_experiment, self._config.experiment)
-        name = run_params.get("pipeline_name") or "__default__"
+        experiment = self._call("set the experiment", mlflow.set_experiment, self._config.experiment)
+        if experiment is not None and EXPERIMENT_KIND not in (experiment.tags or {}):
+            # MLflow 3 opens an experiment without a kind in its GenAI view
+            self._call("set the experiment's kind", mlflow.set_experiment_tag, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
+        name = run_name(run_params)
         self._call("start a run", mlflow.start_run, run_name=f"{name} ({self._env})")
         params = {k: str(v)[:6000] for k, v in flatten(recipe.model_dump(mode="json")).items()}
         self._call("log the recipe", mlflow.log_params, params)
         tags = {"birdbone.pipeline": name, "birdbone.env": self._env, "birdbone.recipe_hash": recipe.hash()}
+        tags.update(git_tags(self._root))
         self._call("tag the run", mlflow.set_tags, tags)
+        for dataset, context in self._call("describe the text sources", text_datasets, recipe, self._root) or []:
+            self._call(f"log the input {dataset.name}", mlflow.log_input, dataset, context=context)
 
     @hook_impl
     def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
         """Logs every output named ``*_metrics``: its numbers as metrics (at ``step`` when
-        it has one: a wave's index), its ``tags`` as run tags, and its ``series`` (metric
-        name -> list of (step, value), e.g. a healing curve) one point per step."""
+        it has one: a wave's index), its ``tags`` as run tags, its ``series`` (metric name ->
+        list of (step, value), e.g. a healing curve) one point per step, and its ``child``
+        (``name``, ``metrics``, ``tags``, ``series``: a wave) as a nested run of its own."""
+        if self._mlflow is None:
+            return
         for name, value in outputs.items():
             if name.endswith("_metrics") and isinstance(value, dict):
                 value = dict(value)
                 step, tags = value.pop("step", None), value.pop("tags", None) or {}
+                child = value.pop("child", None)
                 for metric, points in (value.pop("series", None) or {}).items():
                     for point_step, point in points:
-                        log_metric = self._mlflow.log_metric if self._mlflow else None
-                        self._call(f"log {metric}", log_metric, metric, float(point), step=int(point_step))
-                numbers = {
-                    k: float(v)
-                    for k, v in flatten(value).items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)
-                }
-                log_metrics = self._mlflow.log_metrics if self._mlflow else None
-                self._call(f"log {name}", log_metrics, numbers, step=step)
+                        self._call(f"log {metric}", self._mlflow.log_metric, metric, float(point), step=int(point_step))
+                self._call(f"log {name}", self._mlflow.log_metrics, numbers_of(value), step=step)
                 if tags:
-                    self._call(f"tag {name}", self._mlflow.set_tags if self._mlflow else None, tags)
+                    self._call(f"tag {name}", self._mlflow.set_tags, tags)
+                if child:
+                    self._call(f"log {child['name']} as a nested run", self._child_run, child)
+
+    def _child_run(self, child: dict[str, Any]) -> None:
+        """A nested run under this one (MLflow's parent tag), written through the client
+        so the active run stays the parent."""
+        from mlflow.entities import Metric
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        parent = self._mlflow.active_run()
+        client = self._mlflow.MlflowClient()
+        tags = {
+            MLFLOW_PARENT_RUN_ID: parent.info.run_id,
+            **{k: str(v)[:5000] for k, v in child.get("tags", {}).items()},
+        }
+        run = client.create_run(parent.info.experiment_id, run_name=child["name"], tags=tags)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in numbers_of(child.get("metrics", {})).items()]
+        metrics += [
+            Metric(key, float(point), now, int(point_step))
+            for key, points in (child.get("series") or {}).items()
+            for point_step, point in points
+        ]
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+            client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
+        client.set_terminated(run.info.run_id, "FINISHED")
 
     @hook_impl
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -397,10 +493,19 @@ class TrackingHook:
             self._call("log peak memory", self._mlflow.log_metrics, numbers)
         reports = self._root / REPORTS
         if self._mlflow is not None and reports.is_dir():
-            for path in sorted(reports.glob("*")):
-                if path.is_file() and path.suffix in {".json", ".png"}:
+            for path in sorted(reports.glob("*")):  # what this run wrote, not what an earlier one left
+                if path.is_file() and path.suffix in {".json", ".png"} and self._written(path):
                     self._call(f"store {path.name}", self._mlflow.log_artifact, str(path))
+        export = self._root / "models/export"
+        if self._mlflow is not None and self._config.log_model and self._written(export / "model.gguf"):
+            self._call("store the exported model.gguf", self._mlflow.log_artifact, str(export / "model.gguf"), "model")
+            if (export / "hf").is_dir():
+                self._call("store the exported hf/", self._mlflow.log_artifacts, str(export / "hf"), "model/hf")
         self._end("FINISHED")
+
+    def _written(self, path: Path) -> bool:
+        """Whether this run wrote ``path`` (a link is never followed out)."""
+        return path.is_file() and not path.is_symlink() and path.stat().st_mtime >= self._started - 1
 
     @hook_impl
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:

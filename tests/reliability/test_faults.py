@@ -30,6 +30,7 @@ from tests.reliability.conftest import (
     run_in_process,
     snapshot,
 )
+from tests.test_pipeline import mlflow_runs
 
 # (the log line that starts the step, a temporary path to wait for before killing (None:
 # kill at once), what the step would have finished had it not been killed)
@@ -114,10 +115,7 @@ def test_a_second_run_in_the_same_project_is_refused_naming_the_first(reference,
     assert f"pid {first.pid}" in second.stderr and "-m kedro run --env test --params" in second.stderr
     assert "Fix: wait for it to finish, or kill" in second.stderr
     finish(first)
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    assert len(mlflow.search_runs(experiment_names=["birdbone"])) == 1  # the refused run started none
+    assert len(mlflow_runs(project)) == 1  # the refused run started none
     assert_same_artifacts(reference, project)
     # the lock went with the first run: a third starts (and, resuming, has nothing to redo)
     assert "Skipping all" in finish(kedro(project, "--params", SLOWER))
@@ -193,8 +191,6 @@ def test_resumed_artifacts_are_compared_without_timings_only(reference):
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_and_sigterm_end_the_mlflow_run_killed_release_the_lock_and_sweep(tmp_path, stop):
-    import mlflow
-
     project = make_project(tmp_path / "project")
     process = kedro(project, "--params", SLOWER)
     assert process.stderr is not None
@@ -212,8 +208,7 @@ def test_ctrl_c_and_sigterm_end_the_mlflow_run_killed_release_the_lock_and_sweep
     log = "".join(seen)
     assert process.returncode != 0, log[-3000:]
     assert "KeyboardInterrupt" in log or "stopped by signal" in log or "Aborted" in log, log[-3000:]
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["birdbone"])
+    runs = mlflow_runs(project)
     assert list(runs["status"]) == ["KILLED"], log[-3000:]
     assert not (project / ".birdbone" / "run.lock").read_text(), "the lock was not released"
     assert not [p for top in ("data", "models") for p in (project / top).rglob(".tmp*")]

@@ -193,9 +193,10 @@ def gate_wave(
 
 
 def wave_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    """One wave's row as MLflow metrics at step ``wave``; the decision also as a tag."""
-    return {
-        "step": row["wave"],
+    """One wave's row as MLflow metrics of the run at step ``wave`` (the curves across
+    waves), and as a nested run ``wave <k>`` of its own: the same figures, its decision and
+    reason as tags, its healing curve by step."""
+    numbers = {
         "wave.target_sparsity": row["target_sparsity"],
         "wave.sparsity": row["sparsity"],
         "wave.ppl": row["ppl"],
@@ -205,11 +206,22 @@ def wave_metrics(row: dict[str, Any]) -> dict[str, Any]:
         "wave.decision_code": DECISION_CODES[row["decision"]],
         "wave.seconds": sum(row.get("seconds", {}).values()),
         **cluster_metrics(row),
-        "tags": {
-            f"wave.{row['wave']}.decision": f"{row['decision']}: {row['reason']}"[:4000],
-            **({f"wave.{row['wave']}.recovery": json.dumps(row["recovery"])[:4000]} if row.get("recovery") else {}),
+    }
+    tags = {
+        "birdbone.wave": str(row["wave"]),
+        "decision": row["decision"],
+        "reason": row["reason"],
+        **({"recovery": json.dumps(row["recovery"])} if row.get("recovery") else {}),
+    }
+    return {
+        "step": row["wave"],
+        **numbers,
+        "child": {
+            "name": f"wave {row['wave']:02d}",
+            "metrics": numbers,
+            "tags": tags,
+            "series": heal_series("heal", row.get("heal")),
         },
-        "series": heal_series(f"heal.wave_{row['wave']}", row.get("heal")),
     }
 
 
