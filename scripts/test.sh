@@ -3,7 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CI=true bash scripts/setup.sh
-# the optional kedro-viz extra: a test builds its static page
-.venv/bin/python -m pip --disable-pip-version-check -q install -e ".[viz]"
 .venv/bin/ruff check src tests bench
 exec .venv/bin/python -m pytest "$@"

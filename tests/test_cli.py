@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import torch
 
 from birdbone.config import UnstructuredPattern
@@ -139,3 +140,27 @@ def test_report_params_and_unpack_name_broken_inputs(tmp_path, monkeypatch, caps
     assert "--out folder is a folder; the recipe is one YAML file" in capsys.readouterr().err
     assert main(["pack", "conf", "m.pack"]) == 2
     assert "conf holds no .safetensors file" in capsys.readouterr().err
+
+
+def test_the_cli_has_a_version_help_for_every_option_and_shows_defaults(capsys):
+    from birdbone.console import cli, main
+    from birdbone.core.export.pack import STRATEGIES
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "birdbone, version 0.1.0"
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert all(name in top for name in cli.commands)
+    for name, command in cli.commands.items():
+        assert command.help and command.short_help, name
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert param.help, f"{name} --{param.name}"
+    assert main(["heal", "--help"]) == 0
+    assert "[default: data/03_primary/blocks.safetensors]" in capsys.readouterr().out
+    strategy = next(p for p in cli.commands["pack"].params if p.name == "strategy")
+    assert list(strategy.type.choices) == ["auto", *STRATEGIES]
+    assert main(["pack", "a", "b", "--strategy", "zip"]) == 2
+    assert "Invalid value for '--strategy': 'zip' is not one of 'auto', 'raw'" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2
+    assert "No such command 'nonsense'" in capsys.readouterr().err

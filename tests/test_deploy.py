@@ -41,3 +41,22 @@ def test_the_committed_airflow_dags_are_current_and_distinct(tmp_path: Path) -> 
     assert sorted(ids) == sorted(
         ["birdbone", "birdbone_baseline", "birdbone_profile", "birdbone_decay", "birdbone_quantize", "birdbone_export"]
     )
+
+
+def test_kedro_viz_draws_the_waves_of_the_env_it_is_given(project: Path) -> None:
+    """kedro-viz runs no hooks by default; the config loader it makes still sizes the decay."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from kedro.framework.startup import bootstrap_project\n"
+        "from kedro_viz.integrations.kedro.data_loader import load_data\n"
+        "bootstrap_project(Path.cwd())\n"
+        "pipelines = load_data(Path.cwd(), sys.argv[1])[1]\n"
+        "print('waves', len({n.namespace for n in pipelines['decay'].nodes if n.namespace}))\n"
+    )
+    counts = {}
+    for env in ("test", "base"):
+        done = subprocess.run([sys.executable, "-c", code, env], cwd=project, env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts[env] = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("waves "))
+    assert counts == {"test": "8", "base": "3"}  # wave_0 and the env's waves: 7 in test, 2 in base

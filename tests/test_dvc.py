@@ -5,7 +5,9 @@ brings back every model of the first commit bit for bit."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 
@@ -66,10 +69,24 @@ def test_repro_reruns_what_changed_and_checkout_restores_every_model_bit_for_bit
     assert _ran(first) == {"params", "baseline", "profile", "decay", "quantize", "export"}
     again = _sh(repo, "dvc", "repro")
     assert _ran(again) == set() and "Data and pipelines are up to date" in again
+    # kedro run right after dvc repro: the journal knows the files by their bytes, so nothing is redone
+    resumed = _sh(repo, "kedro", "run", "--env", "test")
+    assert "Skipping all" in resumed and "Nothing new was written (resumed)" in resumed
+    assert _ran(_sh(repo, "dvc", "repro")) == set()  # and it left DVC's outputs as they were
     before = _weights(repo)
     assert "models/healed/model.safetensors" in before and "models/quantized/model.safetensors" in before
     _commit(repo, "first")
     _sh(repo, "dvc", "push", "-q")
+
+    # an experiment on params.yaml, DVC's one source of truth: the stages downstream run it, it stays
+    experiment = _sh(repo, "dvc", "exp", "run", "-S", "decay.pattern.sparsity=0.3")
+    assert _ran(experiment) == {"decay", "quantize", "export"}
+    assert yaml.safe_load((repo / "params.yaml").read_text())["decay"]["pattern"]["sparsity"] == 0.3
+    decay_report = json.loads((repo / "data/08_reporting/decay.json").read_text())
+    assert decay_report["decay"]["pattern"]["sparsity"] == 0.3 and decay_report["final"]["sparsity"] <= 0.3 + 1e-6
+    assert _ran(_sh(repo, "dvc", "repro")) == set()  # not undone by the params stage
+    experiments = list(csv.DictReader(io.StringIO(_sh(repo, "dvc", "exp", "show", "--csv"))))
+    assert any(e["Experiment"] and e["decay.pattern.sparsity"] == "0.3" for e in experiments), experiments
 
     decay = repo / "conf/test/parameters_decay.yml"
     decay.write_text(decay.read_text().replace("sparsity: 0.5", "sparsity: 0.4"))
@@ -100,7 +117,10 @@ def test_repro_reruns_what_changed_and_checkout_restores_every_model_bit_for_bit
     assert f"{sha[:12]} is already model-v1; no new tag" in again
     assert _sh(repo, "git", "tag", "--list", "model-v*").split() == ["model-v1"]
     metrics = _sh(repo, "dvc", "metrics", "diff", "HEAD~1", "HEAD")
-    assert "data/08_reporting/decay.json" in metrics
+    assert "data/08_reporting/metrics.json" in metrics and "decay.sparsity" in metrics
+    shown = _sh(repo, "dvc", "metrics", "show")  # one small flat table, not six nested reports
+    assert "final.ppl_general" in shown and len(shown) < 1000  # it was 10,000 characters wide
+    assert "decay.json" not in shown
     _sh(repo, "dvc", "plots", "diff", "HEAD~1", "HEAD", "-o", str(repo.parent / "plots"))
     assert (repo.parent / "plots" / "index.html").is_file()
 

@@ -34,7 +34,8 @@ def mlflow_runs(project: Path, children_of: str | None = None):
     return runs[chosen].reset_index(drop=True)
 
 
-def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
+def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project, caplog):
+    caplog.set_level("INFO")
     run(project)
     summary = json.loads((project / "data/08_reporting/summary.json").read_text())
     assert set(summary) >= {"model", "recipe_hash", "baseline"}
@@ -111,6 +112,16 @@ def test_test_env_writes_summary_report_plot_and_an_mlflow_run(project):
     assert {"summary.json", "decay.json", "export.json", "timeline.png", "model"} <= artifacts
     model = {a.path for a in client.list_artifacts(runs["run_id"][0], "model")}
     assert model == {"model/model.gguf", "model/hf"}
+    # the run ends with its answer: what it made (the GGUF first), how good against dense, how fast, where to look
+    closing = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("bird-bone: done in"))
+    lines = closing.splitlines()
+    assert lines[1].split()[:3] == ["models/export/model.gguf", f"{exports['gguf']['bytes'] / 1e6:.1f}", "MB"]
+    assert any(line.split()[0] == "models/quantized/" for line in lines)
+    in_domain = f"{verified['ppl_llama_cpp']:.2f} (dense {base['ppl_test']:.2f}"
+    assert f"in-domain perplexity (export in llama.cpp): {in_domain}" in closing
+    assert f"general perplexity   (export in llama.cpp): {verified['ppl_general']:.2f} (dense" in closing
+    assert f"llama.cpp decode: {summary['speed']['decode_x_dense_f16']:.2f}x dense F16" in closing
+    assert "waves: wave 1 " in closing and f"/runs/{runs['run_id'][0]}" in closing
 
 
 def test_the_quantized_model_keeps_the_masks_and_every_weight_is_on_its_grid(project):

@@ -1487,7 +1487,9 @@ def _which_file(keys: list[Any], conf_dirs: list[Path], missing: bool) -> str:
     target = keys[:-1] if missing else keys
     found = None
     for conf_dir in conf_dirs:
-        for path in sorted(conf_dir.glob("**/parameters*.yml")) + sorted(conf_dir.glob("**/parameters*.yaml")):
+        files = [conf_dir] if conf_dir.is_file() else []  # a recipe file (params.yaml) rather than a folder
+        files += sorted(conf_dir.glob("**/parameters*.yml")) + sorted(conf_dir.glob("**/parameters*.yaml"))
+        for path in files:
             try:
                 node: Any = yaml.safe_load(path.read_text()) or {}
             except (OSError, yaml.YAMLError):

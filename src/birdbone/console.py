@@ -45,6 +45,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
+
+from birdbone.errors import BirdboneError
+
 log = logging.getLogger("birdbone.console")
 
 
@@ -270,11 +274,12 @@ def check_weights(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from birdbone.core.report import write_report
+    from birdbone.core.report import write_report, write_views
 
     text, md, png = write_report(Path.cwd())
+    views = write_views(Path.cwd())
     print(text)
-    print(f"wrote {md} and {png}")
+    print(f"wrote {', '.join(str(p) for p in [md, png, *views])}")
     return 0
 
 
@@ -312,72 +317,154 @@ def unpack(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
-    parser = argparse.ArgumentParser(prog="birdbone", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    cmd = sub.add_parser("heal", help="heal a model directory, masks kept (runs under accelerate launch)")
-    cmd.add_argument("model", type=Path, help="a bird-bone model directory (models/decayed, a wave, ...)")
-    cmd.add_argument("--out", type=Path, required=True, help="where the healed model directory goes")
-    cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
-    cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
-    cmd.add_argument("--blocks", type=Path, default=Path("data/03_primary/blocks.safetensors"))
-    cmd.add_argument("--teacher", type=Path, default=Path("data/04_feature/heal_teacher_topk.safetensors"))
-    cmd.add_argument(
-        "--dense", type=Path, default=Path("models/baseline"), help="the teacher of heal.distill_top_k: null"
-    )
-    cmd.add_argument("--steps", type=int, help="optimizer steps (default: heal.final.steps)")
-    cmd.add_argument("--lr", type=float, help="peak learning rate (default: heal.final.lr)")
-    cmd.add_argument("--overwrite", action="store_true", help="replace --out even if bird-bone did not write it")
-    cmd = sub.add_parser("params", help="write the env's validated recipe, defaults filled, as one YAML (for DVC)")
-    cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
-    cmd.add_argument("--env", default="local", help="the configuration environment (as kedro run --env)")
-    cmd.add_argument("--out", type=Path, default=Path("params.yaml"))
-    cmd = sub.add_parser("bump", help="write diffs/<sha>/ for a commit, tag it model-v<N>, push to the DVC remote")
-    cmd.add_argument("--rev", default="HEAD", help="the commit (default HEAD)")
-    cmd.add_argument("--out", type=Path, help="where bundles go (default diffs/)")
-    cmd.add_argument(
-        "--tag", action=argparse.BooleanOptionalAction, default=True, help="tag the commit model-v<N> (N: the last + 1)"
-    )
-    cmd.add_argument(
-        "--push", action=argparse.BooleanOptionalAction, default=True, help="dvc push to the default remote"
-    )
-    cmd = sub.add_parser("config-docs", help="write the configuration reference (every key) from the Pydantic classes")
-    cmd.add_argument("--conf", type=Path, default=Path("conf"), help="the configuration folder")
-    cmd.add_argument("--out", type=Path, default=Path("docs/configuration.md"))
-    sub.add_parser("check-weights", help="refuse weights that differ from birdbone.json's hashes or dvc.lock")
-    sub.add_parser("report", help="the last run: baseline vs each wave vs final, as a table and a plot")
-    cmd = sub.add_parser("pack", help="store a model directory compactly, lossless (per-tensor strategies)")
-    cmd.add_argument("source", type=Path, help="a model directory (or one .safetensors file)")
-    cmd.add_argument("target", type=Path, help="the pack file to write")
-    cmd.add_argument("--strategy", default="auto", help="auto (smallest per tensor), raw, gzip, rle, sparse, quantized")
-    cmd.add_argument("--overwrite", action="store_true", help="replace target if it exists")
-    cmd = sub.add_parser("unpack", help="rebuild the model directory of a pack, bit for bit")
-    cmd.add_argument("pack", type=Path)
-    cmd.add_argument("target", type=Path)
-    cmd.add_argument("--overwrite", action="store_true", help="replace target if it exists")
-    cmd.add_argument(
-        "--max-bytes", type=int, help="what the pack may inflate to (default: 64x its size, at least 256 MiB)"
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from birdbone.errors import BirdboneError
+class _Commands(click.Group):
+    """The ``birdbone`` group: one handler for bird-bone's own errors (the message, which
+    names the fix, and exit status 2), whichever command raised it."""
 
-    commands = {
-        "heal": heal,
-        "params": params,
-        "config-docs": config_docs,
-        "bump": bump,
-        "check-weights": check_weights,
-        "report": report,
-        "pack": pack,
-        "unpack": unpack,
-    }
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BirdboneError as exc:
+            click.echo(f"birdbone {ctx.invoked_subcommand}: {exc}", err=True)
+            return 2
+
+
+SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
+CONF = click.option("--conf", type=click.Path(path_type=Path), default=Path("conf"), help="The configuration folder.")
+ENV = click.option("--env", default="local", help="The configuration environment, as kedro run --env.")
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace the target even if bird-bone did not write it.")
+
+
+def _run(command: Any, **options: Any) -> int:
+    return command(argparse.Namespace(**options))
+
+
+@click.group(cls=_Commands, context_settings=SETTINGS)
+@click.version_option(package_name="birdbone", prog_name="birdbone")
+def cli() -> None:
+    """bird-bone's commands beside kedro run: heal a model again, write the recipe for DVC,
+    version a commit, report on the last run, pack and unpack models.
+
+    Run them in the project root. Each bad input is named with its fix (exit status 2)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@cli.command("heal", short_help="Heal a model directory again, its masks kept.")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the healed model directory goes.")
+@CONF
+@ENV
+@click.option(
+    "--blocks",
+    type=click.Path(path_type=Path),
+    default=Path("data/03_primary/blocks.safetensors"),
+    help="The baseline's token blocks (healing, validation, test).",
+)
+@click.option(
+    "--teacher",
+    type=click.Path(path_type=Path),
+    default=Path("data/04_feature/heal_teacher_topk.safetensors"),
+    help="The dense model's top-k logits (heal.distill_top_k set).",
+)
+@click.option(
+    "--dense",
+    type=click.Path(path_type=Path),
+    default=Path("models/baseline"),
+    help="The dense model run beside the student (heal.distill_top_k: null).",
+)
+@click.option("--steps", type=int, help="Optimizer steps.  [default: heal.final.steps]")
+@click.option("--lr", type=float, help="Peak learning rate.  [default: heal.final.lr]")
+@OVERWRITE
+def heal_command(**options: Any) -> int:
+    """Heal MODEL (a bird-bone model directory: models/decayed, a wave) into --out, its
+    masks kept. Runs unchanged under accelerate launch (data parallel)."""
+    return _run(heal, **options)
+
+
+@cli.command("params", short_help="Write the env's validated recipe as params.yaml (for DVC).")
+@CONF
+@ENV
+@click.option("--out", type=click.Path(path_type=Path), default=Path("params.yaml"), help="The YAML file to write.")
+def params_command(**options: Any) -> int:
+    """Write the env's recipe (conf/base with the env over it), validated and with every
+    default filled in, as the one YAML file dvc.yaml's stages depend on."""
+    return _run(params, **options)
+
+
+@cli.command("bump", short_help="Write diffs/<sha>/, tag model-v<N>, push to the DVC remote.")
+@click.option("--rev", default="HEAD", help="The commit.")
+@click.option("--out", type=click.Path(path_type=Path), help="Where bundles go.  [default: diffs/]")
+@click.option("--tag/--no-tag", default=True, help="Tag the commit model-v<N> (N: the last + 1).")
+@click.option("--push/--no-push", default=True, help="dvc push the outputs to the default remote.")
+def bump_command(**options: Any) -> int:
+    """Write diffs/<sha>/ for a commit (settings, mask and metric deltas, weight hashes),
+    tag it and push its DVC outputs."""
+    return _run(bump, **options)
+
+
+@cli.command("config-docs", short_help="Write docs/configuration.md from the config classes.")
+@CONF
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("docs/configuration.md"), help="The page to write."
+)
+def config_docs_command(**options: Any) -> int:
+    """Write the configuration reference (every key, its type, default and meaning) from
+    the Pydantic classes and conf/base's comments."""
+    return _run(config_docs, **options)
+
+
+@cli.command("check-weights", short_help="Check weights against their recorded hashes.")
+def check_weights_command() -> int:
+    """Refuse weights that differ from their birdbone.json hashes or dvc.lock (the
+    pre-commit hook)."""
+    return _run(check_weights)
+
+
+@cli.command("report", short_help="Tabulate and plot the last run, stage by stage.")
+def report_command() -> int:
+    """The last run, a row per stage (in-domain and general quality, size, speed by
+    runtime), printed and written to data/08_reporting/report.md and report.png."""
+    return _run(report)
+
+
+@cli.command("pack", short_help="Store a model directory compactly, lossless.")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "raw", "gzip", "rle", "sparse", "quantized"]),
+    default="auto",
+    help="The encoding; auto takes the smallest per tensor.",
+)
+@OVERWRITE
+def pack_command(**options: Any) -> int:
+    """Store SOURCE (a model directory or one .safetensors file) as the pack TARGET,
+    lossless, each tensor in the encoding that takes the fewest bytes."""
+    return _run(pack, **options)
+
+
+@cli.command("unpack", short_help="Rebuild a pack's model directory, bit for bit.")
+@click.argument("pack", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
+@OVERWRITE
+@click.option("--max-bytes", type=int, help="What the pack may inflate to.  [default: 64x its size, at least 256 MiB]")
+def unpack_command(**options: Any) -> int:
+    """Rebuild the model directory of PACK into TARGET, bit for bit."""
+    return _run(unpack, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``birdbone ARGS``; the exit status (2: a bad input or usage, with what to do)."""
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
     try:
-        return commands[args.command](args)
-    except BirdboneError as exc:
-        print(f"birdbone {args.command}: {exc}", file=sys.stderr)
-        return 2
+        code = cli.main(args=argv, prog_name="birdbone", standalone_mode=False)
+    except click.ClickException as exc:  # usage: an unknown option, a missing argument
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

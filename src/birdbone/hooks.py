@@ -20,6 +20,7 @@ from kedro.framework.hooks import hook_impl
 
 from birdbone import runstate
 from birdbone.config import Recipe, TrackingConfig, validate_recipe
+from birdbone.configloader import activate
 from birdbone.core import memory
 from birdbone.core.io import check_replaceable, flatten, write_json_atomic
 from birdbone.errors import ConfigError, OutputError, install_excepthook
@@ -28,18 +29,13 @@ log = logging.getLogger(__name__)
 
 REPORTS = "data/08_reporting"
 
-# The config loader of the context being created: ``register_pipelines`` reads the decay
-# settings through it (env and --params included) to know how many waves to register.
-_ACTIVE: dict[str, Any] = {}
-
-
-def active_config_loader() -> Any:
-    """The config loader of the current Kedro context, once one exists; else None."""
-    return _ACTIVE.get("config_loader")
-
 
 def _conf_dirs(context: Any) -> list[Path]:
+    """Where the parameters came from, base first: the conf folders, or the recipe file."""
     loader = context.config_loader
+    named = loader.recipe_file() if hasattr(loader, "recipe_file") else None
+    if named is not None:
+        return [Path(context.project_path) / named]
     root = Path(loader.conf_source)
     envs = [loader.base_env, context.env or loader.default_run_env]
     return [root / env for env in envs if env and (root / env).is_dir()]
@@ -53,7 +49,7 @@ class RecipeHook:
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        _ACTIVE["config_loader"] = context.config_loader  # before anything loads the pipelines
+        activate(context.config_loader)  # before anything loads the pipelines
         install_excepthook()  # again: Kedro's default logging (outside the root) installs rich's since
         root = self.root = Path(context.project_path).resolve()
         if Path.cwd().resolve() != root:
@@ -247,15 +243,20 @@ class MemoryHook:
         recipe, root = self._recipe_hook.recipe, self._recipe_hook.root
         if recipe is None or root is None:
             return
-        for stage, entry in self.stages.items():
-            gpu = f", GPU {entry['peak_gpu_mb']:.0f} MiB" if "peak_gpu_mb" in entry else ""
-            log.info("stage %s: peak RSS %.0f MiB%s", stage, entry["peak_rss_mb"], gpu)
         stages = {**self._earlier_stages, **self.stages}
         overhead = time.perf_counter() - self._started - sum(n["seconds"] for n in self.timeline)
         timeline = timeline_summary(self.nodes(), overhead)
-        for stage, seconds in timeline["stage_seconds"].items():
-            log.info("stage %s: %.0f s of %.0f s", stage, seconds, timeline["total_seconds"])
-        if stages or timeline["nodes"]:
+        if self.stages:
+            mine = timeline_summary(self.timeline)["stage_seconds"]
+            log.info(
+                "time and peak memory by stage, this run: %s",
+                ", ".join(
+                    f"{stage} {mine.get(stage, 0):.0f} s, {entry['peak_rss_mb']:.0f} MiB"
+                    + (f" (GPU {entry['peak_gpu_mb']:.0f} MiB)" if "peak_gpu_mb" in entry else "")
+                    for stage, entry in self.stages.items()
+                ),
+            )
+        if self.timeline:  # a run that redid nothing leaves summary.json (a DVC output) as it was
             from birdbone.core.io import write_bytes_atomic
             from birdbone.core.plots import png_bytes, timeline_figure
             from birdbone.datasets import merge_json
@@ -372,6 +373,7 @@ class TrackingHook:
         self._env = ""
         self._broken = False
         self._started = time.time()
+        self.run: dict[str, str] | None = None  # the last run: id, experiment_id, uri (for the closing summary)
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -425,7 +427,10 @@ class TrackingHook:
             # MLflow 3 opens an experiment without a kind in its GenAI view
             self._call("set the experiment's kind", mlflow.set_experiment_tag, EXPERIMENT_KIND, MODEL_DEVELOPMENT)
         name = run_name(run_params)
-        self._call("start a run", mlflow.start_run, run_name=f"{name} ({self._env})")
+        self.run = None
+        active = self._call("start a run", mlflow.start_run, run_name=f"{name} ({self._env})")
+        if active is not None:
+            self.run = {"id": active.info.run_id, "experiment_id": active.info.experiment_id, "uri": self._config.uri}
         params = {k: str(v)[:6000] for k, v in flatten(recipe.model_dump(mode="json")).items()}
         self._call("log the recipe", mlflow.log_params, params)
         tags = {"birdbone.pipeline": name, "birdbone.env": self._env, "birdbone.recipe_hash": recipe.hash()}
@@ -529,3 +534,59 @@ class TrackingHook:
             else:
                 self._call(f"end the run as {status}", self._mlflow.end_run, status=status)
         self._mlflow = None
+
+
+# the model folders a run can leave, last stage first (the export's files come from summary.json)
+MODEL_DIRS = ("models/quantized", "models/healed", "models/decayed", "models/baseline")
+
+
+class SummaryHook:
+    """The end of ``kedro run``: what it made and how good it is, in a few lines
+    (``core.report.closing_lines``): the files this run wrote (the GGUF first) and their
+    sizes, perplexity against dense in-domain and on the general split, llama.cpp's decode
+    speed against dense F16, the waves' decisions, the MLflow run and how to open it."""
+
+    def __init__(self, recipe_hook: RecipeHook, tracking_hook: TrackingHook | None = None) -> None:
+        self._recipe_hook = recipe_hook
+        self._tracking_hook = tracking_hook
+        self._started = time.time()
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._started = time.time()
+
+    def written(self, root: Path, summary: dict[str, Any]) -> list[str]:
+        """The artifacts this run wrote, relative to ``root``: the exports (GGUF first), then
+        the last model folder."""
+        exports = sorted(summary.get("exports") or [], key=lambda e: e.get("format") != "gguf")
+        candidates = [str(e["path"]) for e in exports if e.get("path")] + list(MODEL_DIRS)
+        out: list[str] = []
+        for rel in candidates:
+            path = root / rel
+            mark = path / "birdbone.json" if path.is_dir() else path
+            if mark.is_file() and not mark.is_symlink() and mark.stat().st_mtime >= self._started - 1:
+                if rel in MODEL_DIRS and any(r in MODEL_DIRS for r in out):
+                    continue  # one model folder: the last stage's
+                out.append(rel)
+        return out
+
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        from birdbone.core.report import closing_lines
+
+        root = self._recipe_hook.root
+        if root is None or not (root / REPORTS / "summary.json").is_file():
+            return
+        try:
+            summary = json.loads((root / REPORTS / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # birdbone report names the problem; the run itself succeeded
+        written = self.written(root, summary)
+        if (root / REPORTS / "summary.json").stat().st_mtime >= self._started - 1:
+            from birdbone.core.report import write_views
+
+            write_views(root)  # metrics.json, waves.csv, heal.csv: what DVC's metrics and plots read
+        run = self._tracking_hook.run if self._tracking_hook is not None else None
+        minutes = (time.time() - self._started) / 60
+        head = f"bird-bone: done in {minutes:.1f} min." + ("" if written else " Nothing new was written (resumed).")
+        log.info("%s\n%s", head, "\n".join(closing_lines(summary, root, written, run)))

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def _parameters() -> dict[str, Any]:
     """The run's parameters (env and --params included) from the context being created, or,
     outside a run (``kedro registry``), from conf/ with ``KEDRO_ENV``."""
-    from birdbone.hooks import active_config_loader
+    from birdbone.configloader import active_config_loader
 
     loader = active_config_loader()
     if loader is None:

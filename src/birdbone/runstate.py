@@ -7,11 +7,15 @@ holder exits, however it exits (kill -9 included), so a crashed run never leaves
 lock behind.
 
 **The journal** (``.birdbone/journal.json``): after each artifact is written whole, the
-journal records it under the recipe's hash, with the file's identity (inode, size, mtime).
-A rerun of the same recipe treats an artifact as done only when the journal holds it with
-that hash and that identity, so a killed run resumes where it stopped, and a changed
-recipe, or a file replaced by hand or by ``dvc checkout``, is made again. A file several
-nodes write in turn (``summary.json``, merged) is recorded without its identity.
+journal records it under the recipe's hash, with its content: a SHA-256 over its bytes
+(every file of a folder, by relative path), and the files' sizes and mtimes so that an
+untouched artifact is recognised without reading it. A rerun of the same recipe treats an
+artifact as done only when the journal holds it with that hash and that content, so a
+killed run resumes where it stopped, a changed recipe or a file whose bytes changed is made
+again, and the same bytes brought back by ``dvc checkout``, ``dvc repro`` or a copy of the
+project count as done (the three caches, DVC's, Kedro's only-missing and this one,
+agree). A file several nodes write in turn (``summary.json``, merged) is recorded without
+its content.
 
 Everything here is plain Python (no Kedro): ``birdbone.hooks`` drives it.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -151,12 +156,37 @@ def sweep_temporaries(root: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _identity(path: Path) -> list[int] | None:
+def _files(path: Path) -> list[tuple[str, Path]]:
+    """The regular files of an artifact by relative path: itself, or a folder's files
+    (links are not followed out)."""
+    if path.is_file():
+        return [(".", path)]
+    if not path.is_dir():
+        return []
+    return sorted((str(f.relative_to(path)), f) for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _stats(path: Path) -> list[list[Any]] | None:
+    """Each file's relative path, size and mtime: cheap, and equal while nothing touched them."""
     try:
-        st = path.stat()
+        out = [[rel, f.stat().st_size, f.stat().st_mtime_ns] for rel, f in _files(path)]
     except OSError:
         return None
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
+    return out or None
+
+
+def _digest(path: Path) -> str | None:
+    """SHA-256 over the artifact's files, each with its relative path and size."""
+    digest = hashlib.sha256()
+    try:
+        for rel, f in _files(path):
+            digest.update(f"{rel}\0{f.stat().st_size}\0".encode())
+            with f.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023
+                    digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest() if _files(path) else None
 
 
 class Journal:
@@ -185,18 +215,32 @@ class Journal:
         full = Path(path)
         self._entries[self._key(full)] = {
             "recipe": self.recipe_hash,
-            "identity": None if shared else _identity(full),
+            "stats": None if shared else _stats(full),
+            "sha256": None if shared else _digest(full),
         }
         write_json_atomic(self.path, {"artifacts": self._entries})
 
     def done(self, path: str | os.PathLike[str], shared: bool = False) -> bool:
-        """Whether ``path`` holds what this recipe would write (and resuming is on)."""
+        """Whether ``path`` holds what this recipe would write (and resuming is on): the
+        bytes it recorded, recognised by size and mtime, else by reading them."""
         if not self.resume:
             return False
-        entry = self._entries.get(self._key(path))
-        if entry is None or entry["recipe"] != self.recipe_hash:
+        key = self._key(path)
+        entry = self._entries.get(key)
+        if not isinstance(entry, dict) or entry.get("recipe") != self.recipe_hash:
             return False
-        return shared or entry["identity"] == _identity(Path(path))
+        if shared:
+            return True
+        stats = _stats(Path(path))
+        if stats is None or entry.get("sha256") is None:  # gone, or an entry from before contents were kept
+            return False
+        if stats == entry.get("stats"):
+            return True
+        if _digest(Path(path)) != entry["sha256"]:
+            return False
+        entry["stats"] = stats  # the same bytes, copied or checked out: known by their stats from now on
+        write_json_atomic(self.path, {"artifacts": self._entries})
+        return True
 
 
 _ACTIVE: dict[str, Journal] = {}

@@ -5,12 +5,20 @@ import warnings
 from kedro.framework.session import KedroSession
 
 from birdbone import runstate
+from birdbone.configloader import RecipeConfigLoader
 from birdbone.errors import install_excepthook
-from birdbone.hooks import MemoryHook, RecipeHook, RunStateHook, TrackingHook
+from birdbone.hooks import MemoryHook, RecipeHook, RunStateHook, SummaryHook, TrackingHook
 
 _recipe_hook = RecipeHook()
 _memory_hook = MemoryHook(_recipe_hook)
-HOOKS = (_recipe_hook, RunStateHook(_recipe_hook), _memory_hook, TrackingHook(_recipe_hook, _memory_hook))
+_tracking_hook = TrackingHook(_recipe_hook, _memory_hook)
+HOOKS = (
+    _recipe_hook,
+    RunStateHook(_recipe_hook),
+    _memory_hook,
+    _tracking_hook,
+    SummaryHook(_recipe_hook, _tracking_hook),
+)
 
 
 class ResumingSession(KedroSession):
@@ -38,6 +46,7 @@ class ResumingSession(KedroSession):
 
 SESSION_CLASS = ResumingSession
 
+CONFIG_LOADER_CLASS = RecipeConfigLoader  # --params recipe_file=params.yaml: the recipe from that file (DVC)
 CONFIG_LOADER_ARGS = {"base_env": "base", "default_run_env": "local"}
 
 # Kedro's own use of a deprecated OmegaConf call; nothing a user can act on.

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from birdbone.core.progress import bar
 from birdbone.core.quantize import Grid, check_budget, check_grid, mean_bits, rtn
 from birdbone.core.walk import InputStats, ReadOnlyMethod, calibration_walk
 
@@ -87,7 +87,7 @@ def rounding_costs(
 ) -> dict[str, dict[int, float]]:
     """Per weight and level, sum_j ||X_j||^2 ||W[:, j] - Q(W)[:, j]||^2."""
     costs: dict[str, dict[int, float]] = {}
-    for name, w in tqdm(weights.items(), desc="rounding costs", unit="layer", leave=False):
+    for name, w in bar(weights.items(), desc="rounding costs", unit="layer", leave=False):
         keep = masks[name] if masks is not None and name in masks else None
         costs[name] = {}
         for bits in levels:
@@ -218,7 +218,7 @@ def stress(
     base = _loss(model, validation, batch_size, device)
     blocks = sorted(set(plan.block_of.values()))
     rises = {}
-    for b in tqdm(blocks, desc="stress: loss per quantized block", unit="block", leave=False):
+    for b in bar(blocks, desc="stress: loss per quantized block", unit="block", leave=False):
         names = [n for n, i in plan.block_of.items() if i == b]
         saved = {n: linears[n].weight.data.clone() for n in names}
         for n in names:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from birdbone.core.progress import bar
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def _check_blocks(blocks: torch.Tensor) -> None:
 
 def _batches(model: nn.Module, blocks: torch.Tensor, batch_size: int, device: Any, desc: str) -> Any:
     """(start, ids, float32 next-token logits) per batch."""
-    for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch", leave=False):
+    for start in bar(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch", leave=False):
         ids = blocks[start : start + batch_size].to(device)
         yield start, ids, model(ids, use_cache=False).logits[:, :-1].float()
 

@@ -30,10 +30,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from birdbone.core.io import atomic_path, sha256_json
 from birdbone.core.modeling import forward_cached
+from birdbone.core.progress import bar
 from birdbone.errors import TextSourceError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def sample_blocks(
     pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
     out = torch.empty(count, length, dtype=torch.long)
     model.eval()
-    with tqdm(total=sum(length - len(p) for p in starts), desc=desc, unit="tok", leave=False) as bar:
+    with bar(total=sum(length - len(p) for p in starts), desc=desc, unit="tok", leave=False) as progress:
         for begin in range(0, count, batch_size):
             rows = order[begin : begin + batch_size]
             widths = [len(starts[i]) for i in rows]
@@ -136,7 +136,7 @@ def sample_blocks(
                 draw = uniform[rows, step, None] * cdf[:, -1:]
                 token = torch.searchsorted(cdf, draw).clamp(max=probs.shape[-1] - 1)
                 written.append(token)
-                bar.update(sum(1 for w in widths if step < length - w))
+                progress.update(sum(1 for w in widths if step < length - w))
                 if step + 1 < length - min(widths):
                     if extra:
                         extra["attention_mask"] = torch.cat([extra["attention_mask"], torch.ones_like(token)], 1)

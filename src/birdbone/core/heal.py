@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from birdbone.core import evaluate
 from birdbone.core.masks import MaskSet, zero_masked_
+from birdbone.core.progress import bar
 from birdbone.core.quantize import rtn
 from birdbone.errors import HealError
 
@@ -340,7 +340,7 @@ def heal_(
     first = _curve_ppl(peft_model, curve_blocks, config.batch_size, device) if config.eval_every else None
     if first is not None:
         report.curve.append({"step": 0, "val_ppl": first})
-    progress = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    progress = bar(range(steps), desc=desc, unit="step", leave=False)
     train_seconds = 0.0
     try:
         for step in progress:

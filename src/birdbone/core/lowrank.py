@@ -153,6 +153,18 @@ def summarize(plan: list[Factor]) -> dict[str, Any]:
     }
 
 
+def summary_line(summary: dict[str, Any]) -> str:
+    """``summarize``'s figures in one sentence, for a log line."""
+    modules = ", ".join(f"{name} {count}" for name, count in sorted(summary["by_module"].items()))
+    return (
+        f"{summary['factorized']} of {summary['matrices']} matrices factorize at "
+        f"{summary.get('explained_variance', '?')} explained variance"
+        + (f" ({modules})" if modules else "")
+        + f", saving {summary['params_saved']:,} of {summary['params_before']:,} weights "
+        f"({100 * summary['saving']:.1f} %); {summary['pruned_kept_sparse']} pruned matrices kept sparse"
+    )
+
+
 def factorize_(bundle: Any, plan: list[Factor]) -> dict[str, Any]:
     """Replaces every matrix ``plan`` marks factorized by its ``LowRankLinear``, in place,
     and returns what that saved (``summarize``)."""

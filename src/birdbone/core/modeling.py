@@ -620,7 +620,13 @@ def prepare_runtime(run: Any) -> torch.device:
     On CPU the same seed and thread count give bitwise-identical results without further
     settings. On CUDA, ``run.deterministic`` makes torch refuse nondeterministic kernels
     (scatter/index_add atomics) and pins cuBLAS to a fixed workspace, at some cost in speed.
+
+    transformers' "Loading weights" bar is turned off: a run loads a model some twenty
+    times, each in well under a second, and the bars buried the run's own lines.
     """
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     if run.threads:
         torch.set_num_threads(run.threads)
     torch.manual_seed(run.seed)

@@ -15,6 +15,13 @@ from matplotlib.figure import Figure  # noqa: E402
 _LAYER = re.compile(r"\.(\d+)\.(.+)$")
 
 
+def _integers(ax: Any, axis: str = "x") -> None:
+    """Whole-number ticks on an axis that counts things (blocks, heads, steps, waves)."""
+    from matplotlib.ticker import MaxNLocator
+
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
 def baseline_figure(report: dict[str, Any]) -> Figure:
     """Three panels: explained variance of the top-k ranks per layer and matrix kind, the
     mean explained-variance curve per matrix kind, and a table of the headline numbers."""
@@ -35,6 +42,7 @@ def baseline_figure(report: dict[str, Any]) -> Figure:
     )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    _integers(ax)
     ax = axes[1]
     for kind, layers in sorted(by_kind.items()):
         curves = [spec["explained"] for spec in layers.values()]
@@ -42,6 +50,7 @@ def baseline_figure(report: dict[str, Any]) -> Figure:
         ax.plot(range(1, len(mean) + 1), mean, label=kind)
     ax.set(xlabel="rank", ylabel="explained variance (mean over blocks)", title="Explained-variance curves")
     ax.grid(alpha=0.3)
+    _integers(ax)
     ax.legend(fontsize=7)
     ax = axes[2]
     ax.axis("off")
@@ -98,8 +107,11 @@ def profile_figure(summary: dict[str, Any]) -> Figure:
     image = axes[2].imshow(head_grid.T, aspect="auto", cmap="magma")
     axes[2].set(xlabel="decoder block", ylabel="query head", title="Head importance (||X_o|| * ||W_o||)")
     fig.colorbar(image, ax=axes[2])
+    _integers(axes[2], "y")
     if clusters:
         _clusters_panel(axes[3], clusters)
+    for ax in axes:
+        _integers(ax)
     fig.tight_layout()
     return fig
 
@@ -189,6 +201,7 @@ def _cluster_factors_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
         title="Cluster-aware decay: each cluster's share factor per wave",
     )
     ax.grid(alpha=0.3)
+    _integers(ax)
 
 
 def heal_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
@@ -206,6 +219,7 @@ def heal_figure(curves: dict[str, list[dict[str, float]]]) -> Figure:
     axes[1].set(xlabel="optimizer step", ylabel="validation perplexity (curve blocks)", title="Healing perplexity")
     for ax in axes:
         ax.grid(alpha=0.3)
+        _integers(ax)
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -245,8 +259,10 @@ def quantize_figure(layers: list[dict[str, Any]], title: str) -> Figure:
     average = sum(r["bits_per_weight"] * r["params"] for r in layers) / max(total, 1)
     ax.axhline(average, color="black", linestyle="--", linewidth=0.8, label=f"average {average:.3f}")
     ax.set(xlabel="block", ylabel="bits per weight (scales included)", title=title)
-    ax.legend(fontsize=7, ncol=2)
+    # below the bars, never over them
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
     ax.grid(alpha=0.3, axis="y")
+    _integers(ax)
     if stress:
         blocks = sorted({r["block"] for r in stress})
         rise = {r["block"]: r["loss_rise"] for r in stress}
@@ -255,6 +271,7 @@ def quantize_figure(layers: list[dict[str, Any]], title: str) -> Figure:
             xlabel="block", ylabel="validation loss rise (%)", title="Stress: loss with only this block quantized"
         )
         axes[0][1].grid(alpha=0.3, axis="y")
+        _integers(axes[0][1])
     fig.tight_layout()
     return fig
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from birdbone.core import clusters
+from birdbone.core.progress import bar
 from birdbone.core.stream import require_in_memory
 from birdbone.core.walk import InputStats, ReadOnlyMethod, autocast_dtype, calibration_walk
 
@@ -100,7 +100,7 @@ def gradient_magnitude(
     for module in linears.values():
         module.weight.requires_grad_(True)
     try:
-        for row in tqdm(blocks, desc="gradients", unit="block"):
+        for row in bar(blocks, desc="gradients", unit="block"):
             ids = row[None].to(device)
             loss = model(ids, labels=ids, use_cache=False).loss
             loss.backward()

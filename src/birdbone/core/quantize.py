@@ -511,6 +511,20 @@ def average_bits(bundle: Any, grids: dict[str, Grid | None], source: Grid | None
     return mean_bits({name: grid or source for name, grid in grids.items()}, linear_sizes(bundle))
 
 
+def bytes_at_bits(bundle: Any, grids: dict[str, Grid | None], correction_bits: float = 0.0) -> int:
+    """What the model takes stored at its grids, as a GGUF stores it: each weight in
+    ``grids`` (block Linears, the head) at its grid's bits, scales included (``None``:
+    16 bits), the block Linears' low-rank corrections at ``correction_bits`` per weight,
+    every other parameter (norms, an untied embedding left alone) at 16 bits."""
+    named = dict(bundle.model.named_parameters())  # a tied head counts once
+    bits = 0.0
+    for name, weight in named.items():
+        grid = grids.get(name)
+        bits += weight.numel() * (grid.bits_per_weight(weight.shape[-1]) if grid is not None else 16.0)
+    bits += correction_bits * sum(r * c for r, c in linear_sizes(bundle).values())
+    return int(bits // 8)
+
+
 def check_budget(
     sizes: dict[str, tuple[int, int]],
     levels: list[int],

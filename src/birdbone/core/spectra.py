@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+
+from birdbone.core.progress import bar
 
 
 def top_singular_values(weight: torch.Tensor, k: int, method: str = "lowrank", niter: int = 2) -> torch.Tensor:
@@ -52,5 +53,5 @@ def spectral_scan(named_weights: dict[str, torch.Tensor], config: Any, seed: int
     torch.manual_seed(seed)
     return {
         name: spectrum(w, config.top_k, config.method, config.niter, config.energy_levels)
-        for name, w in tqdm(named_weights.items(), desc="spectral scan", unit="matrix")
+        for name, w in bar(named_weights.items(), desc="spectral scan", unit="matrix")
     }

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from birdbone.core.modeling import forward_cached
+from birdbone.core.progress import bar
 
 
 def _sync(device: torch.device) -> None:
@@ -57,7 +57,7 @@ def measure_speed(model: nn.Module, tokens: torch.Tensor, config: Any, device: t
     prefill = tokens[: config.prefill_tokens].view(1, -1).to(device)
     decode, pre = [], []
     runs = config.warmup + config.repeats
-    for i in tqdm(range(runs), desc="speed", unit="run", leave=False):
+    for i in bar(range(runs), desc="speed", unit="run", leave=False):
         d = _decode_seconds(model, prompt, config.decode_tokens, device)
         p = _prefill_seconds(model, prefill, device)
         if i >= config.warmup:

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from birdbone.core.modeling import forward_cached
+from birdbone.core.progress import bar
 from birdbone.errors import TaskFileError
 
 TASK_LIMIT = 256 << 20
@@ -104,7 +104,7 @@ def score_multiple_choice(
 ) -> dict[str, Any]:
     """Accuracy (sum log-likelihood) and length-normalized accuracy over the items."""
     correct = correct_norm = 0
-    for i, item in enumerate(tqdm(items, desc="multiple choice", leave=False)):
+    for i, item in enumerate(bar(items, desc="multiple choice", leave=False)):
         _check_choice(item, f"item {i + 1}")
         scores = [continuation_logprob(model, tokenizer, item["question"], " " + c, device)[0] for c in item["choices"]]
         norm = [s / len((" " + c).encode("utf-8")) for s, c in zip(scores, item["choices"], strict=True)]
@@ -133,7 +133,7 @@ def score_canaries(
 ) -> dict[str, Any]:
     """Exact-match rate of greedy decoding, and mean log-likelihood per expected token."""
     hits, logprob, tokens = 0, 0.0, 0
-    for item in tqdm(items, desc="canaries", leave=False):
+    for item in bar(items, desc="canaries", leave=False):
         expected = item["expected"]
         n_new = len(tokenizer(expected, add_special_tokens=False)["input_ids"]) + 2
         got = greedy_continuation(model, tokenizer, item["prompt"], n_new, device)

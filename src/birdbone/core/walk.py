@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from birdbone.core.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +248,13 @@ def _walk(
     layers = adapter.blocks(model)
     resident = resident_block(bundle)
     if not method.needs_inputs:  # weights alone: nothing to run through the model
-        for index in tqdm(range(len(layers)), desc=desc, unit="block"):
+        for index in bar(range(len(layers)), desc=desc, unit="block"):
             with resident(index) as block:
                 method.process(index, block, adapter.block_linears(block), {})
         return
     inputs = capture_block_inputs(model, layers[0], blocks, batch_size, device)
     eps = getattr(method, "frequency_eps", 1e-3)
-    for index in tqdm(range(len(layers)), desc=desc, unit="block"):
+    for index in bar(range(len(layers)), desc=desc, unit="block"):
         with resident(index) as block:
             inputs = _walk_block(index, block, adapter, inputs, method, eps, device)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from birdbone.core.io import atomic_path
+from birdbone.core.progress import bar
 from birdbone.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def perplexity(
     llm = load(path, n_ctx=length, threads=threads, logits_all=True)
     total, tokens, kl, agree = 0.0, 0, 0.0, 0
     try:
-        for i, row in enumerate(tqdm(blocks.tolist(), desc=desc, unit="block", leave=False)):
+        for i, row in enumerate(bar(blocks.tolist(), desc=desc, unit="block", leave=False)):
             llm.reset()
             llm.eval(row)
             logits = torch.from_numpy(np.array(llm.scores[: length - 1], dtype=np.float32))

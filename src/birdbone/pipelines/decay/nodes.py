@@ -326,6 +326,7 @@ def report_decay(
                 "kl": r["kl"],
                 **evaluate.general_figures(r.get("general")),
                 "decision": r["decision"],
+                "reason": r["reason"],
             }
             for r in rows
         ],

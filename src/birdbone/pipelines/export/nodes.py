@@ -79,6 +79,7 @@ def export(
             "decode_tokens_per_s": speed["artifact"]["decode_tokens_per_s"],
             "prefill_tokens_per_s": speed["artifact"]["prefill_tokens_per_s"],
             **{k: v for k, v in speed.items() if k.endswith("x_dense_f16")},
+            **({"dense_f16_bytes": speed["dense_f16"]["bytes"]} if "dense_f16" in speed else {}),
         }
         metrics.update({f"export.{k}": v for k, v in summary["speed"].items() if isinstance(v, float)})
     for f in report["files"].values():

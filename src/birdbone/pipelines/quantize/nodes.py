@@ -25,10 +25,12 @@ from birdbone.core.lowrank import (
     plan_report,
     summarize,
 )
+from birdbone.core.lowrank import summary_line as lowrank_line
 from birdbone.core.quantize import (
     Grid,
     QuantTable,
     average_bits,
+    bytes_at_bits,
     check_quantize,
     head_weights,
     linear_sizes,
@@ -263,6 +265,7 @@ def quantize_model(
         "correction_rank": config.lowrank.correction_rank,
         "correction_bits": correction,
         "avg_bits_with_correction": avg + correction,
+        "bytes": bytes_at_bits(bundle, {**{n: g or source for n, g in grids.items()}, **heads}, correction),
         "ppl_val_without_correction": plain.get("validation"),
         "ppl_test_without_correction": plain.get("test"),
         "factorizable": factor_summary(factors, config.lowrank),
@@ -299,7 +302,7 @@ def quantize_model(
         "factors": plan_report(factors),
     }
     if factors:
-        log.info("low rank at %g explained variance: %s", config.lowrank.explained_variance, final["factorizable"])
+        log.info("low rank: %s", lowrank_line(final["factorizable"]))
     metrics = {f"quantize.{k}": v for k, v in final.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return (
         bundle,
