@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -194,17 +195,16 @@ def test_ctrl_c_and_sigterm_end_the_mlflow_run_killed_release_the_lock_and_sweep
     project = make_project(tmp_path / "project")
     process = kedro(project, "--params", SLOWER)
     assert process.stderr is not None
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if "Running node: export" in line:
-            deadline = time.monotonic() + 10
-            while not list(project.glob("models/.tmp-export.*")) and time.monotonic() < deadline:
-                time.sleep(0.001)  # stop it while the export is being written
-            os.kill(process.pid, stop)
-            break
-    seen += process.stderr.readlines()
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(process.stderr), daemon=True)
+    reader.start()  # the log is read aside: the run never waits on the pipe, nor the stop on the log
+    deadline = time.monotonic() + 600
+    while not list(project.glob("models/.tmp-export.*")) and process.poll() is None:
+        assert time.monotonic() < deadline, "".join(seen)[-3000:]
+        time.sleep(0.001)  # stop it while the export is being written
+    os.kill(process.pid, stop)
     process.wait(timeout=120)
+    reader.join(timeout=30)
     log = "".join(seen)
     assert process.returncode != 0, log[-3000:]
     assert "KeyboardInterrupt" in log or "stopped by signal" in log or "Aborted" in log, log[-3000:]
