@@ -575,17 +575,19 @@ class SummaryHook:
         from birdbone.core.report import closing_lines
 
         root = self._recipe_hook.root
-        if root is None or not (root / REPORTS / "summary.json").is_file():
-            return
+        path = None if root is None else root / REPORTS / "summary.json"
         try:
-            summary = json.loads((root / REPORTS / "summary.json").read_text(encoding="utf-8"))
+            summary = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+            changed = path is not None and path.stat().st_mtime >= self._started - 1
         except (OSError, ValueError):
-            return  # birdbone report names the problem; the run itself succeeded
+            return  # none, or unreadable: birdbone report names the problem; the run itself succeeded
+        if not isinstance(summary, dict):  # none, or not the object of sections a run writes
+            return
         written = self.written(root, summary)
-        if (root / REPORTS / "summary.json").stat().st_mtime >= self._started - 1:
+        if changed:
             from birdbone.core.report import write_views
 
-            write_views(root)  # metrics.json, waves.csv, heal.csv: what DVC's metrics and plots read
+            write_views(root, summary)  # metrics.json, waves.csv, heal.csv: what DVC's metrics and plots read
         run = self._tracking_hook.run if self._tracking_hook is not None else None
         minutes = (time.time() - self._started) / 60
         head = f"bird-bone: done in {minutes:.1f} min." + ("" if written else " Nothing new was written (resumed).")

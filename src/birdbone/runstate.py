@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from birdbone.core.io import TMP_PREFIX, explain_write_error, write_json_atomic
+from birdbone.core.io import TMP_PREFIX, explain_write_error, sha256_file, sha256_json, write_json_atomic
 from birdbone.errors import RunLockedError
 
 STATE_DIR = ".birdbone"
@@ -169,24 +168,20 @@ def _files(path: Path) -> list[tuple[str, Path]]:
 def _stats(path: Path) -> list[list[Any]] | None:
     """Each file's relative path, size and mtime: cheap, and equal while nothing touched them."""
     try:
-        out = [[rel, f.stat().st_size, f.stat().st_mtime_ns] for rel, f in _files(path)]
+        out = [[rel, st.st_size, st.st_mtime_ns] for rel, f in _files(path) for st in (f.stat(),)]
     except OSError:
         return None
     return out or None
 
 
 def _digest(path: Path) -> str | None:
-    """SHA-256 over the artifact's files, each with its relative path and size."""
-    digest = hashlib.sha256()
+    """SHA-256 over the artifact's files: each one's relative path, size and SHA-256."""
+    files = _files(path)
     try:
-        for rel, f in _files(path):
-            digest.update(f"{rel}\0{f.stat().st_size}\0".encode())
-            with f.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):  # noqa: B023
-                    digest.update(chunk)
+        parts = [[rel, f.stat().st_size, sha256_file(f)] for rel, f in files]
     except OSError:
         return None
-    return digest.hexdigest() if _files(path) else None
+    return sha256_json(parts) if parts else None
 
 
 class Journal:

@@ -26,6 +26,11 @@ def _general(section: dict[str, Any]) -> dict[str, Any]:
     return {key: section.get(key) for key in GENERAL}
 
 
+def gguf_export(summary: dict[str, Any]) -> dict[str, Any]:
+    """The GGUF file among ``summary``'s exports (empty when the run exported none)."""
+    return next((e for e in summary.get("exports") or [] if e.get("format") == "gguf"), {})
+
+
 def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per stage of the run ``summary`` (``summary.json``) describes."""
     base = summary.get("baseline") or {}
@@ -89,7 +94,7 @@ def rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "bytes": quant.get("bytes"),  # at its grids, as a GGUF stores them
             }
         )
-    gguf = next((e for e in summary.get("exports") or [] if e.get("format") == "gguf"), None)
+    gguf = gguf_export(summary)
     if gguf:
         speed = summary.get("speed") or {}
         verified = summary.get("exports_verified") or {}
@@ -276,7 +281,7 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     for kind in ("in_domain", "general"):
         final, dense = out[f"final.ppl_{kind}"], out[f"dense.ppl_{kind}"]
         out[f"final.ppl_{kind}_change"] = final / dense - 1 if final and dense else None
-    gguf = next((e for e in summary.get("exports") or [] if e.get("format") == "gguf"), {})
+    gguf = gguf_export(summary)
     speed, decay, quant = summary.get("speed") or {}, summary.get("final") or {}, summary.get("quantize") or {}
     waves = [w for w in summary.get("waves") or [] if w.get("index", 0) > 0 and w.get("decision") != "skipped"]
     out |= {
@@ -305,18 +310,20 @@ def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
     return text.getvalue()
 
 
-def write_views(root: Path) -> list[Path]:
+def write_views(root: Path, summary: dict[str, Any] | None = None) -> list[Path]:
     """The run's figures in the forms DVC reads, from ``summary.json`` and ``heal.json``:
     ``metrics.json`` (``headline_metrics``), ``waves.csv`` (a row per wave the gate judged,
     with its decision) and ``heal.csv`` (the final heal's loss by step), for ``dvc metrics
-    show/diff`` and ``dvc plots show/diff``. Returns the files written (atomically)."""
+    show/diff`` and ``dvc plots show/diff`` (``summary``: ``summary.json`` already read).
+    Returns the files written (atomically)."""
     from birdbone.core.io import write_bytes_atomic, write_json_atomic
 
     reports = root / REPORTS
-    try:
-        summary = json.loads((reports / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+    if summary is None:
+        try:
+            summary = json.loads((reports / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
     if not isinstance(summary, dict):
         return []
     written = [reports / "metrics.json"]
